@@ -1,0 +1,146 @@
+"""Per-bank ordering and coalescing, on worker threads that keep FAISS busy off the socket thread.
+
+Each bank belongs to one worker (by a stable hash of its name), so the requests to a bank run in
+the order they arrived. A worker takes everything queued, keeps each bank's requests in order, and
+hands each run of consecutive update/knn/knn_update requests on a bank to
+``BankService.handle_batch``: one FAISS call for the whole run.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from fgc_bank.errors import BankError, ErrorCode
+from fgc_bank.protocol import Reply, Request
+from fgc_bank.service import BATCHABLE_OPS, BankService
+
+logger = logging.getLogger(__name__)
+
+MAX_COALESCED_QUERIES = 16384  # bounds one FAISS call, and so the latency a run adds
+
+
+@dataclass
+class Job:
+    """A decoded request, who sent it, and when it arrived."""
+
+    peer: Any  # the ROUTER identity frame to reply to
+    request: Request
+    arrived: float = field(default_factory=time.perf_counter)
+
+
+Respond = Callable[[list[tuple[Job, Reply]]], None]
+_STOP = object()
+
+
+class Dispatcher:
+    """Worker threads with bounded queues; replies leave through ``respond`` (called on a worker)."""
+
+    def __init__(self, service: BankService, respond_factory: Callable[[], Respond],
+                 workers: int = 1, max_queue: int = 1024) -> None:
+        self.service = service
+        self._queues = [queue.Queue(maxsize=max_queue) for _ in range(max(1, workers))]
+        self._threads = [threading.Thread(target=self._work, args=(q, respond_factory), daemon=True,
+                                          name=f"fgc-bank-worker-{i}") for i, q in enumerate(self._queues)]
+        self.batches = 0
+        self.coalesced = 0
+        for thread in self._threads:
+            thread.start()
+
+    def queue_depth(self) -> int:
+        """Requests waiting, over all workers."""
+        return sum(q.qsize() for q in self._queues)
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job`` behind its bank's earlier requests; raise BUSY if that queue is full."""
+        worker = zlib.crc32((job.request.bank or "").encode()) % len(self._queues)
+        try:
+            self._queues[worker].put_nowait(job)
+        except queue.Full:
+            raise BankError(ErrorCode.BUSY, f"server queue is full ({self._queues[worker].maxsize} "
+                            "requests waiting); retry after a short back-off") from None
+
+    def barrier(self, action: Callable[[], Any]) -> Any:
+        """Run ``action`` while every worker is paused between requests (a consistent cut)."""
+        paused = [threading.Event() for _ in self._queues]
+        resume = threading.Event()
+        for q, event in zip(self._queues, paused):
+            q.put((event, resume))  # waits for room in a full queue; workers keep draining
+        for event in paused:
+            event.wait()
+        try:
+            return action()
+        finally:
+            resume.set()
+
+    def stop(self) -> None:
+        """Finish what is queued, then stop the workers."""
+        for q in self._queues:
+            q.put(_STOP)
+        for thread in self._threads:
+            thread.join()
+
+    def _work(self, jobs: queue.Queue, respond_factory: Callable[[], Respond]) -> None:
+        respond = respond_factory()
+        while True:
+            items = [jobs.get()]
+            while True:
+                try:
+                    items.append(jobs.get_nowait())
+                except queue.Empty:
+                    break
+            stop = False
+            run: list[Job] = []
+            for item in items:
+                if item is _STOP:
+                    stop = True
+                elif isinstance(item, tuple):  # barrier: answer what came before, then pause
+                    self._run(run, respond)
+                    run = []
+                    paused, resume = item
+                    paused.set()
+                    resume.wait()
+                else:
+                    run.append(item)
+            self._run(run, respond)
+            if stop:
+                return
+
+    def _run(self, jobs: list[Job], respond: Respond) -> None:
+        """Answer ``jobs`` (in arrival order), coalescing each bank's runs of batchable requests."""
+        by_bank: dict[str | None, list[Job]] = {}
+        for job in jobs:
+            by_bank.setdefault(job.request.bank, []).append(job)
+        for bank, bank_jobs in by_bank.items():
+            replies: list[tuple[Job, Reply]] = []
+            for group in _runs(bank_jobs):
+                if group[0].request.op in BATCHABLE_OPS:
+                    self.batches += 1
+                    self.coalesced += len(group)
+                    results = self.service.handle_batch(bank, [j.request for j in group])
+                else:
+                    results = [self.service.handle(group[0].request)]
+                replies.extend(zip(group, results))
+            respond(replies)
+
+
+def _runs(jobs: list[Job]) -> list[list[Job]]:
+    """Split one bank's jobs into maximal runs of batchable ops (bounded) and single other ops."""
+    runs: list[list[Job]] = []
+    queries = 0
+    for job in jobs:
+        size = next(iter(job.request.arrays.values())).shape[0] if job.request.arrays else 0
+        batchable = job.request.op in BATCHABLE_OPS
+        if (batchable and runs and runs[-1][0].request.op in BATCHABLE_OPS
+                and queries + size <= MAX_COALESCED_QUERIES):
+            runs[-1].append(job)
+            queries += size
+        else:
+            runs.append([job])
+            queries = size
+    return runs

@@ -1,0 +1,143 @@
+"""The bank interface every caller uses, whether the bank is in-process or behind a server.
+
+:class:`BankHandle` turns method calls into protocol :class:`Request` objects and replies into
+return values; subclasses only say how a request travels (``_submit``). ``connect(address)`` picks
+the subclass from the address: ``local://`` or ``tcp://host:port`` / ``ipc://path``.
+"""
+
+from __future__ import annotations
+
+import abc
+import concurrent.futures
+from typing import Any, Callable, TypeVar
+
+import numpy as np
+
+from fgc_bank.bank import KnnResult
+from fgc_bank.errors import BankError, ErrorCode
+from fgc_bank.protocol import Reply, Request
+
+T = TypeVar("T")
+DEFAULT_TIMEOUT_S = 30.0
+
+
+def as_ids(ids: Any, what: str = "ids") -> np.ndarray:
+    """Any integer array-like (numpy, CPU or CUDA torch tensor, list) -> (B,) int64."""
+    array = np.asarray(ids.detach().cpu() if hasattr(ids, "detach") else ids)
+    if array.dtype.kind not in "iu":
+        raise BankError(ErrorCode.BAD_DTYPE, f"{what} must be integers, got {array.dtype}")
+    return np.ascontiguousarray(array, dtype=np.int64)
+
+
+def as_rows(rows: Any) -> np.ndarray:
+    """Any float array-like -> C-contiguous float32 (a no-op for float32 numpy input)."""
+    array = np.asarray(rows.detach().cpu() if hasattr(rows, "detach") else rows)
+    if array.dtype.kind not in "fiu":
+        raise BankError(ErrorCode.BAD_DTYPE, f"rows must be numeric, got {array.dtype}")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _knn_result(reply: Reply) -> KnnResult:
+    return KnnResult(reply.arrays["scores"], reply.arrays["ids"])
+
+
+class BankHandle(abc.ABC):
+    """Methods shared by :class:`~fgc_bank.local.LocalBank` and :class:`~fgc_bank.client.BankClient`."""
+
+    address: str
+    timeout: float = DEFAULT_TIMEOUT_S
+
+    @abc.abstractmethod
+    def _submit(self, request: Request, decode: Callable[[Reply], T]) -> "concurrent.futures.Future[T]":
+        """Send ``request``; the future resolves to ``decode(reply)`` or raises its BankError."""
+
+    def _call(self, request: Request, decode: Callable[[Reply], T]) -> T:
+        return self._submit(request, decode).result()
+
+    def __enter__(self) -> "BankHandle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the transport; further calls fail with BankUnavailable."""
+
+    def hello(self) -> dict[str, Any]:
+        """Protocol and package versions, and every bank's info."""
+        return self._call(Request("hello"), lambda r: r.result)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of the service and of every bank."""
+        return self._call(Request("stats"), lambda r: r.result)
+
+    def create(self, name: str, rows: int, dim: int, *, momentum: float = 0.5, init: str = "uniform",
+               seed: int = 0, exist_ok: bool = False) -> dict[str, Any]:
+        """Create an ``rows`` x ``dim`` float32 bank (init "uniform": FGC's U[-s, s]; "unit")."""
+        args = {"rows": int(rows), "dim": int(dim), "momentum": float(momentum), "init": init,
+                "seed": int(seed), "exist_ok": bool(exist_ok)}
+        return self._call(Request("create", name, args), lambda r: r.result)
+
+    def drop(self, name: str) -> None:
+        """Delete bank ``name`` and its rows."""
+        self._call(Request("drop", name), lambda r: None)
+
+    def info(self, name: str) -> dict[str, Any]:
+        """Config and counters of bank ``name``."""
+        return self._call(Request("info", name), lambda r: r.result)
+
+    def update_async(self, name: str, ids: Any, rows: Any, *, mode: str = "momentum") -> "concurrent.futures.Future[None]":
+        """Write ``rows`` (B, D) into ``ids`` (B,): FGC's momentum rule, or ``mode="overwrite"``."""
+        request = Request("update", name, {"mode": mode}, {"ids": as_ids(ids), "rows": as_rows(rows)})
+        return self._submit(request, lambda r: None)
+
+    def update(self, name: str, ids: Any, rows: Any, *, mode: str = "momentum") -> None:
+        """Blocking :meth:`update_async`."""
+        self.update_async(name, ids, rows, mode=mode).result()
+
+    def knn_async(self, name: str, queries: Any, k: int, *, exclude: Any = None) -> "concurrent.futures.Future[KnnResult]":
+        """Top-k rows by inner product for each query (B, D); ``exclude`` (B,) drops one id each."""
+        arrays = {"queries": as_rows(queries)}
+        if exclude is not None:
+            arrays["exclude"] = as_ids(exclude, "exclude")
+        return self._submit(Request("knn", name, {"k": int(k)}, arrays), _knn_result)
+
+    def knn(self, name: str, queries: Any, k: int, *, exclude: Any = None) -> KnnResult:
+        """Blocking :meth:`knn_async`."""
+        return self.knn_async(name, queries, k, exclude=exclude).result()
+
+    def knn_update_async(self, name: str, ids: Any, features: Any, k: int) -> "concurrent.futures.Future[KnnResult]":
+        """FGC's step: top-k of ``features`` against the rows as they were (own id excluded), then
+        the momentum update of rows ``ids``. Issue it as soon as the features exist; collect later."""
+        arrays = {"ids": as_ids(ids), "features": as_rows(features)}
+        return self._submit(Request("knn_update", name, {"k": int(k)}, arrays), _knn_result)
+
+    def knn_update(self, name: str, ids: Any, features: Any, k: int) -> KnnResult:
+        """Blocking :meth:`knn_update_async`."""
+        return self.knn_update_async(name, ids, features, k).result()
+
+    def gather(self, name: str, ids: Any) -> np.ndarray:
+        """Rows ``ids`` (B,) -> (B, D) float32."""
+        return self._call(Request("gather", name, {}, {"ids": as_ids(ids)}), lambda r: r.arrays["rows"])
+
+    def sample(self, name: str, m: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """``m`` distinct ids drawn with ``seed`` (sorted) and their rows."""
+        request = Request("sample", name, {"m": int(m), "seed": int(seed)})
+        return self._call(request, lambda r: (r.arrays["ids"], r.arrays["rows"]))
+
+    def snapshot(self) -> dict[str, Any]:
+        """Ask the server to write a snapshot now; returns where and what."""
+        return self._call(Request("snapshot"), lambda r: r.result)
+
+
+def connect(address: str, timeout: float = DEFAULT_TIMEOUT_S, **options: Any) -> BankHandle:
+    """Open a bank handle: ``local://`` (in-process) or ``tcp://host:port`` / ``ipc://path``."""
+    if address.startswith("local://"):
+        from fgc_bank.local import LocalBank
+
+        return LocalBank(timeout=timeout, **options)
+    if address.startswith(("tcp://", "ipc://", "inproc://")):
+        from fgc_bank.client import BankClient
+
+        return BankClient(address, timeout=timeout, **options)
+    raise BankError(ErrorCode.BAD_ARGUMENT, f"bank address {address!r} must start with local://, tcp:// or ipc://")

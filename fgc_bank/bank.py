@@ -1,0 +1,310 @@
+"""The memory bank: N x D float32 rows, FGC's momentum update, exact inner-product kNN.
+
+This is the one implementation of the bank. The in-process bank and the server both call
+:meth:`MemoryBank.execute`; trainers that keep a bank of their own (the replicated gate bank) call
+:func:`momentum_update_`, the one place the update rule lives.
+
+Rows live in a torch tensor (so the same code can hold them on a GPU) that shares memory with a
+numpy view, which FAISS searches in place: rows are updated where they are, never by rebuilding an
+index.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from dataclasses import asdict, dataclass
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+
+from fgc_bank.errors import BankError, ErrorCode
+from fgc_bank.search import search_inner_product
+
+logger = logging.getLogger(__name__)
+
+INITS = ("uniform", "unit")
+UPDATE_MODES = ("momentum", "overwrite")
+
+
+@torch.no_grad()
+def momentum_update_(rows: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, momentum: float) -> None:
+    """FGC's bank update, in place: ``rows[ids] = normalize(m * rows[ids] + (1 - m) * values)``.
+
+    Parameters
+    ----------
+    rows : (N, D) float tensor, updated in place.
+    ids : (B,) int64 tensor of distinct row ids.
+    values : (B, D) tensor, the new features (or gate logits), not normalised.
+    momentum : m in [0, 1]; 0 overwrites with the normalised values.
+    """
+    mixed = rows.index_select(0, ids).mul_(momentum).add_(values.to(rows.dtype), alpha=1.0 - momentum)
+    norms = mixed.norm(dim=1, keepdim=True).clamp_min_(torch.finfo(rows.dtype).tiny)
+    rows.index_copy_(0, ids, mixed.div_(norms))
+
+
+@dataclass(frozen=True)
+class BankConfig:
+    """What defines a bank. Stored in snapshots and answered by ``info``."""
+
+    name: str
+    rows: int
+    dim: int
+    momentum: float = 0.5
+    init: str = "uniform"
+    seed: int = 0
+    dtype: str = "float32"
+
+    def validate(self, max_bytes: int) -> None:
+        """Reject configs a server must not build, before allocating anything."""
+        if not 1 <= self.rows <= 2**31 - 1:
+            raise BankError(ErrorCode.BAD_ARGUMENT, f"rows must be in [1, 2^31), got {self.rows}")
+        if not 1 <= self.dim <= 65536:
+            raise BankError(ErrorCode.BAD_ARGUMENT, f"dim must be in [1, 65536], got {self.dim}")
+        if not (isinstance(self.momentum, (int, float)) and 0.0 <= self.momentum < 1.0):
+            raise BankError(ErrorCode.BAD_ARGUMENT, f"momentum must be in [0, 1), got {self.momentum}")
+        if self.init not in INITS:
+            raise BankError(ErrorCode.BAD_ARGUMENT, f"init must be one of {INITS}, got {self.init!r}")
+        if self.dtype != "float32":
+            raise BankError(ErrorCode.BAD_ARGUMENT, f"dtype {self.dtype!r} is not supported; use float32")
+        if not 0 <= self.seed < 2**63:
+            raise BankError(ErrorCode.BAD_ARGUMENT, f"seed must be in [0, 2^63), got {self.seed}")
+        size = self.rows * self.dim * 4
+        if size > max_bytes:
+            raise BankError(ErrorCode.TOO_LARGE, f"bank {self.name!r} would take {size / 2**30:.2f} GiB "
+                            f"({self.rows} x {self.dim} float32); this server's limit is {max_bytes / 2**30:.2f} GiB")
+
+
+@dataclass(frozen=True)
+class Search:
+    """kNN of ``queries`` (B, D) float32; ``exclude`` (B,) int64 drops one id per query (-1: none)."""
+
+    queries: np.ndarray
+    k: int
+    exclude: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Update:
+    """Write ``values`` (B, D) into rows ``ids`` (B,), by momentum or overwrite."""
+
+    ids: np.ndarray
+    values: np.ndarray
+    mode: str = "momentum"
+
+
+@dataclass(frozen=True)
+class SearchUpdate:
+    """FGC's fused step: search with the rows as they were (own id excluded), then update ``ids``."""
+
+    ids: np.ndarray
+    features: np.ndarray
+    k: int
+
+
+Op = Union[Search, Update, SearchUpdate]
+
+
+@dataclass(frozen=True)
+class KnnResult:
+    """Top-k answers: ``scores`` (B, k) float32, descending; ``ids`` (B, k) int64."""
+
+    scores: np.ndarray
+    ids: np.ndarray
+
+
+class MemoryBank:
+    """N x D float32 rows with a momentum update and exact inner-product search."""
+
+    def __init__(self, config: BankConfig, rows: torch.Tensor | None = None) -> None:
+        self.config = config
+        self.rows = self._initial_rows(config) if rows is None else rows
+        if tuple(self.rows.shape) != (config.rows, config.dim) or self.rows.dtype != torch.float32:
+            raise BankError(ErrorCode.BANK_MISMATCH, f"rows of shape {tuple(self.rows.shape)} "
+                            f"do not fit bank {config.name!r} ({config.rows} x {config.dim} float32)")
+        self.rows_np = self.rows.numpy()  # shares memory: FAISS searches the live rows
+        self.counters = {"updates": 0, "rows_updated": 0, "searches": 0, "queries": 0,
+                         "coalesced_calls": 0}
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def _initial_rows(config: BankConfig) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(config.seed)
+        if config.init == "uniform":  # FGC: U[-s, s], s = 1 / sqrt(C / 3)
+            bound = 1.0 / math.sqrt(config.dim / 3.0)
+            return torch.rand(config.rows, config.dim, generator=gen).mul_(2 * bound).sub_(bound)
+        rows = torch.randn(config.rows, config.dim, generator=gen)
+        return rows.div_(rows.norm(dim=1, keepdim=True).clamp_min_(1e-12))
+
+    def info(self) -> dict:
+        """Config and counters, for ``info`` / ``stats`` / snapshots."""
+        return {**asdict(self.config), **self.counters}
+
+    # -- validation: everything that crosses a socket is checked before it touches the rows ------
+
+    def _check_ids(self, ids: np.ndarray, what: str, allow_negative: bool = False) -> None:
+        if ids.ndim != 1:
+            raise BankError(ErrorCode.BAD_SHAPE, f"{what} must be 1-D, got shape {list(ids.shape)}")
+        if ids.size == 0:
+            return
+        low, high = int(ids.min()), int(ids.max())
+        if (low < (-1 if allow_negative else 0)) or high >= self.config.rows:
+            bad = low if low < 0 else high
+            raise BankError(ErrorCode.ID_OUT_OF_RANGE, f"{what} contains id {bad}; bank "
+                            f"{self.config.name!r} has rows 0..{self.config.rows - 1}")
+
+    def _check_rows(self, rows: np.ndarray, what: str, count: int | None) -> None:
+        if rows.ndim != 2 or rows.shape[1] != self.config.dim:
+            raise BankError(ErrorCode.BAD_SHAPE, f"{what} must be (B, {self.config.dim}) for bank "
+                            f"{self.config.name!r}, got shape {list(rows.shape)}")
+        if count is not None and rows.shape[0] != count:
+            raise BankError(ErrorCode.BAD_SHAPE, f"{what} has {rows.shape[0]} rows but {count} ids were given")
+        if rows.dtype != np.float32:
+            raise BankError(ErrorCode.BAD_DTYPE, f"{what} must be float32, got {rows.dtype}")
+        if not np.isfinite(rows).all():
+            raise BankError(ErrorCode.NOT_FINITE, f"{what} contains NaN or Inf")
+
+    def _check_k(self, k: int, excluding: bool) -> None:
+        limit = self.config.rows - (1 if excluding else 0)
+        if not isinstance(k, int) or not 1 <= k <= limit:
+            raise BankError(ErrorCode.BAD_K, f"k must be in [1, {limit}] for bank {self.config.name!r} "
+                            f"({self.config.rows} rows{', own id excluded' if excluding else ''}), got {k}")
+
+    def _check_distinct(self, ids: np.ndarray) -> None:
+        if ids.size > 1 and np.unique(ids).size != ids.size:
+            raise BankError(ErrorCode.DUPLICATE_IDS, "ids of one update must be distinct "
+                            "(a repeated id would make the update depend on order)")
+
+    def validate(self, op: Op) -> None:
+        """Raise BankError if ``op`` is malformed for this bank; the rows are never touched."""
+        if isinstance(op, Search):
+            self._check_rows(op.queries, "queries", None)
+            if op.exclude is not None:
+                self._check_ids(op.exclude, "exclude", allow_negative=True)
+                if op.exclude.shape[0] != op.queries.shape[0]:
+                    raise BankError(ErrorCode.BAD_SHAPE, f"exclude has {op.exclude.shape[0]} ids "
+                                    f"for {op.queries.shape[0]} queries")
+            self._check_k(op.k, op.exclude is not None)
+        elif isinstance(op, Update):
+            if op.mode not in UPDATE_MODES:
+                raise BankError(ErrorCode.BAD_ARGUMENT, f"update mode must be one of {UPDATE_MODES}, got {op.mode!r}")
+            self._check_ids(op.ids, "ids")
+            self._check_rows(op.values, "rows", op.ids.shape[0])
+            self._check_distinct(op.ids)
+        elif isinstance(op, SearchUpdate):
+            self._check_ids(op.ids, "ids")
+            self._check_rows(op.features, "features", op.ids.shape[0])
+            self._check_distinct(op.ids)
+            self._check_k(op.k, True)
+        else:
+            raise BankError(ErrorCode.INTERNAL, f"unknown bank op {type(op).__name__}")
+
+    # -- operations ---------------------------------------------------------------------------
+
+    def gather(self, ids: np.ndarray) -> np.ndarray:
+        """Rows ``ids`` (B,) -> (B, D) float32 copy."""
+        self._check_ids(ids, "ids")
+        return self.rows_np[ids]
+
+    def sample(self, m: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """``m`` distinct random ids (sorted) and their rows, reproducible from ``seed``."""
+        if not 1 <= m <= self.config.rows:
+            raise BankError(ErrorCode.BAD_ARGUMENT, f"m must be in [1, {self.config.rows}], got {m}")
+        ids = np.sort(np.random.default_rng(seed).choice(self.config.rows, size=m, replace=False))
+        return ids.astype(np.int64), self.rows_np[ids]
+
+    def execute(self, ops: Sequence[Op]) -> list[KnnResult | None]:
+        """Apply ``ops`` in order, as if one at a time, with all their searches in one FAISS call.
+
+        Each op must have passed :meth:`validate`. Searches are run together against the rows as
+        they are before the first op, ``depth`` deep; an op that follows updates in the same batch
+        then swaps the stale scores of the rows those updates changed for fresh ones. That answer
+        is exact whenever at least k unchanged candidates remain, and a query for which fewer do
+        is searched again on its own (rare: changed rows are a tiny fraction of the bank).
+        """
+        with self.lock:
+            searches = [op for op in ops if not isinstance(op, Update)]
+            if not searches:
+                for op in ops:
+                    self._apply_update(op.ids, op.values, op.mode)
+                return [None] * len(ops)
+            changes = sum(op.ids.shape[0] for op in ops[:-1] if not isinstance(op, Search))
+            depth = self._depth(searches, changes)
+            queries = np.concatenate([self._queries(op) for op in searches]) if len(searches) > 1 \
+                else self._queries(searches[0])
+            scores, ids = search_inner_product(self.rows_np, queries, depth)
+            self.counters["searches"] += len(searches)
+            self.counters["queries"] += queries.shape[0]
+            self.counters["coalesced_calls"] += 1
+            return self._replay(ops, scores, ids)
+
+    @staticmethod
+    def _queries(op: Search | SearchUpdate) -> np.ndarray:
+        return op.queries if isinstance(op, Search) else op.features
+
+    def _depth(self, searches: list[Search | SearchUpdate], changes: int) -> int:
+        base = max(op.k + (0 if isinstance(op, Search) and op.exclude is None else 1) for op in searches)
+        if changes:  # room for the changed rows expected among each query's candidates
+            base += 8 + math.ceil(4 * base * changes / self.config.rows)
+        return min(base, self.config.rows)
+
+    def _replay(self, ops: Sequence[Op], scores: np.ndarray, ids: np.ndarray) -> list[KnnResult | None]:
+        results: list[KnnResult | None] = []
+        changed: list[np.ndarray] = []
+        offset = 0
+        for op in ops:
+            if isinstance(op, Update):
+                self._apply_update(op.ids, op.values, op.mode)
+                changed.append(op.ids)
+                results.append(None)
+                continue
+            queries = self._queries(op)
+            rows = slice(offset, offset + queries.shape[0])
+            offset += queries.shape[0]
+            exclude = op.ids if isinstance(op, SearchUpdate) else op.exclude
+            stale = np.unique(np.concatenate(changed)) if changed else None
+            results.append(self._finish(queries, scores[rows], ids[rows], op.k, exclude, stale))
+            if isinstance(op, SearchUpdate):
+                self._apply_update(op.ids, op.features, "momentum")
+                changed.append(op.ids)
+        return results
+
+    def _finish(self, queries: np.ndarray, scores: np.ndarray, ids: np.ndarray, k: int,
+                exclude: np.ndarray | None, stale: np.ndarray | None) -> KnnResult:
+        """Cut candidates (B, depth) to the top-k, dropping excluded ids and refreshing stale rows."""
+        if stale is None and exclude is None:
+            return KnnResult(np.ascontiguousarray(scores[:, :k]), np.ascontiguousarray(ids[:, :k]))
+        keep = np.ones(ids.shape, dtype=bool) if exclude is None else ids != exclude[:, None]
+        short = np.zeros(ids.shape[0], dtype=bool)
+        if stale is not None:
+            keep &= ~np.isin(ids, stale)
+            if ids.shape[1] < self.config.rows:  # too few unchanged candidates: the merge could miss one
+                short = keep.sum(1) < k
+            fresh = queries @ self.rows_np[stale].T  # (B, S): current scores of the changed rows
+            fresh_keep = np.ones(fresh.shape, dtype=bool) if exclude is None else stale[None, :] != exclude[:, None]
+            scores = np.concatenate([scores, fresh], axis=1)
+            ids = np.concatenate([ids, np.broadcast_to(stale, fresh.shape)], axis=1)
+            keep = np.concatenate([keep, fresh_keep], axis=1)
+        masked = np.where(keep, scores, np.float32(-np.inf)).astype(np.float32, copy=False)
+        order = np.argsort(-masked, axis=1, kind="stable")[:, :k]
+        top_scores = np.take_along_axis(masked, order, 1)
+        top_ids = np.take_along_axis(ids, order, 1)
+        for i in np.flatnonzero(short):
+            top_scores[i], top_ids[i] = self._search_one(queries[i], k, None if exclude is None else int(exclude[i]))
+        return KnnResult(top_scores, top_ids)
+
+    def _search_one(self, query: np.ndarray, k: int, exclude: int | None) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = search_inner_product(self.rows_np, query[None], min(k + 1, self.config.rows))
+        keep = ids[0] != (-2 if exclude is None else exclude)
+        return scores[0][keep][:k], ids[0][keep][:k]
+
+    def _apply_update(self, ids: np.ndarray, values: np.ndarray, mode: str) -> None:
+        if mode == "overwrite":  # verbatim: restores or seeds rows exactly as given
+            self.rows_np[ids] = values
+        else:
+            momentum_update_(self.rows, torch.from_numpy(np.array(ids, dtype=np.int64)),
+                             torch.from_numpy(np.array(values, dtype=np.float32)), self.config.momentum)
+        self.counters["updates"] += 1
+        self.counters["rows_updated"] += int(ids.shape[0])

@@ -1,0 +1,165 @@
+"""The ZeroMQ client: a DEALER socket owned by one I/O thread, futures for every call.
+
+Callers on any thread hand requests to the I/O thread, which sends them (array buffers are not
+copied), matches replies to futures by request id, and fails calls that outlive their timeout with
+:class:`BankTimeout`. So a trainer can issue ``knn_update_async`` mid-forward and collect it later,
+and no call can hang: every future resolves, with a result or an error, within ``timeout``.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import itertools
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+import zmq
+
+from fgc_bank.api import DEFAULT_TIMEOUT_S, BankHandle
+from fgc_bank.errors import BankError, BankTimeout, BankUnavailable, ErrorCode
+from fgc_bank.protocol import Reply, Request, decode_reply, encode_request
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class _Pending:
+    request: Request
+    frames: list[Any]
+    future: concurrent.futures.Future
+    decode: Callable[[Reply], Any]
+    deadline: float
+
+
+class BankClient(BankHandle):
+    """A connection to one ``fgc-bank serve`` endpoint.
+
+    Parameters
+    ----------
+    address : ``tcp://host:port`` or ``ipc://path``.
+    timeout : seconds a call may wait for its reply before it fails with BankTimeout.
+    """
+
+    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        if timeout <= 0:
+            raise BankError(ErrorCode.BAD_ARGUMENT, f"timeout must be positive, got {timeout}")
+        self.address = address
+        self.timeout = timeout
+        self._ids = itertools.count(1)
+        self._outbox: collections.deque[_Pending] = collections.deque()
+        self._lock = threading.Lock()
+        self._closed = False
+        ctx = zmq.Context.instance()
+        wake_addr = f"inproc://fgc-bank-client-{id(self)}-{os.getpid()}"
+        self._wake_rx = ctx.socket(zmq.PAIR)
+        self._wake_rx.bind(wake_addr)
+        self._wake_tx = ctx.socket(zmq.PAIR)
+        self._wake_tx.connect(wake_addr)
+        self._socket = ctx.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        try:
+            self._socket.connect(address)
+        except zmq.ZMQError as exc:
+            self._close_sockets()
+            raise BankError(ErrorCode.BAD_ARGUMENT, f"cannot connect to {address!r}: {exc}") from None
+        self._thread = threading.Thread(target=self._run, name=f"fgc-bank-client {address}", daemon=True)
+        self._thread.start()
+
+    def _submit(self, request: Request, decode: Callable[[Reply], T]) -> "concurrent.futures.Future[T]":
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        request.id = next(self._ids)
+        try:
+            frames = encode_request(request)
+        except BankError as exc:
+            future.set_exception(exc)
+            return future
+        with self._lock:
+            if self._closed:
+                future.set_exception(BankUnavailable(f"client for {self.address} is closed"))
+                return future
+            self._outbox.append(_Pending(request, frames, future, decode, time.monotonic() + self.timeout))
+            self._wake_tx.send(b"", zmq.NOBLOCK)
+        return future
+
+    def close(self) -> None:
+        """Stop the I/O thread; calls still waiting fail with BankUnavailable."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._wake_tx.send(b"", zmq.NOBLOCK)
+        self._thread.join()
+
+    def _run(self) -> None:
+        pending: dict[int, _Pending] = {}
+        poller = zmq.Poller()
+        poller.register(self._wake_rx, zmq.POLLIN)
+        poller.register(self._socket, zmq.POLLIN)
+        try:
+            while True:
+                wait = min((p.deadline for p in pending.values()), default=time.monotonic() + 1.0)
+                events = dict(poller.poll(max(0.0, wait - time.monotonic()) * 1000 + 1))
+                if self._wake_rx in events:
+                    while self._wake_rx.poll(0):
+                        self._wake_rx.recv()
+                    if self._closed:
+                        break
+                    self._send_outbox(pending)
+                if self._socket in events:
+                    self._receive(pending)
+                self._expire(pending)
+        finally:
+            error = BankUnavailable(f"client for {self.address} was closed before the reply came")
+            for item in [*pending.values(), *self._outbox]:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            self._close_sockets()
+
+    def _send_outbox(self, pending: dict[int, _Pending]) -> None:
+        while True:
+            with self._lock:
+                if not self._outbox:
+                    return
+                item = self._outbox.popleft()
+            pending[item.request.id] = item
+            self._socket.send_multipart(item.frames, copy=False)
+
+    def _receive(self, pending: dict[int, _Pending]) -> None:
+        while True:
+            try:
+                frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                reply = decode_reply([f.buffer for f in frames])
+            except BankError as exc:
+                logger.warning("dropping a malformed reply from %s: %s", self.address, exc)
+                continue
+            item = pending.pop(reply.id, None)
+            if item is None:  # a late reply to a call that already timed out
+                continue
+            try:
+                item.future.set_result(item.decode(reply.unwrap()))
+            except BankError as exc:
+                item.future.set_exception(exc)
+            except Exception as exc:  # a reply that lacks what its op promises
+                item.future.set_exception(BankError(ErrorCode.BAD_MESSAGE, f"malformed {item.request.op} reply: {exc!r}"))
+
+    def _expire(self, pending: dict[int, _Pending]) -> None:
+        now = time.monotonic()
+        for rid in [rid for rid, p in pending.items() if p.deadline <= now]:
+            item = pending.pop(rid)
+            bank = f" on bank {item.request.bank!r}" if item.request.bank else ""
+            item.future.set_exception(BankTimeout(
+                f"no reply to {item.request.op}{bank} from {self.address} within {self.timeout:g} s; "
+                "is `fgc-bank serve` running there, and reachable?"))
+
+    def _close_sockets(self) -> None:
+        for sock in (self._socket, self._wake_rx, self._wake_tx):
+            sock.close(linger=0)

@@ -1,0 +1,174 @@
+"""The operations: decoded requests in, replies out, over a set of named MemoryBanks.
+
+The in-process bank calls this directly and the server calls it from its bank workers, so both
+answer every request with the same code. No sockets and no threads of its own here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from fgc_bank import __version__
+from fgc_bank.bank import BankConfig, KnnResult, MemoryBank, Op, Search, SearchUpdate, Update
+from fgc_bank.errors import BankError, ErrorCode
+from fgc_bank.protocol import PROTOCOL_VERSION, Reply, Request
+
+logger = logging.getLogger(__name__)
+
+BATCHABLE_OPS = frozenset({"update", "knn", "knn_update"})
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a client may ask of a service. Checked before any allocation or search."""
+
+    max_batch: int = 65536  # rows or queries per request
+    max_bank_bytes: int = 64 * 2**30
+    max_banks: int = 64
+
+
+class BankService:
+    """Named banks and the operations on them."""
+
+    def __init__(self, limits: Limits = Limits()) -> None:
+        self.limits = limits
+        self.banks: dict[str, MemoryBank] = {}
+        self._lock = threading.Lock()  # guards the bank table, not the rows
+        self.started = time.time()
+        self.extra_stats: Callable[[], dict[str, Any]] = dict
+
+    def bank(self, name: str | None) -> MemoryBank:
+        """The bank called ``name``, or an UNKNOWN_BANK error that lists the ones there are."""
+        bank = self.banks.get(name or "")
+        if bank is None:
+            known = ", ".join(sorted(self.banks)) or "none"
+            raise BankError(ErrorCode.UNKNOWN_BANK, f"no bank named {name!r} (banks: {known}); create it first")
+        return bank
+
+    def handle(self, request: Request) -> Reply:
+        """Answer one request; every failure becomes an error reply, never an exception."""
+        if request.op in BATCHABLE_OPS:
+            return self.handle_batch(request.bank, [request])[0]
+        try:
+            return self._handle(request)
+        except BankError as exc:
+            return Reply(request.id, error=exc)
+        except Exception as exc:  # a bug: log it, answer it, keep serving
+            logger.exception("internal error in %s", request.op)
+            return Reply(request.id, error=BankError(ErrorCode.INTERNAL, f"{exc.__class__.__name__}: {exc}"))
+
+    def handle_batch(self, bank_name: str | None, requests: Sequence[Request]) -> list[Reply]:
+        """Answer a run of update/knn/knn_update requests on one bank with one search call.
+
+        Results are those of applying the requests one at a time, in order (see MemoryBank.execute).
+        A request that fails validation gets its error and is left out; the rest still run.
+        """
+        replies: list[Reply | None] = [None] * len(requests)
+        try:
+            bank = self.bank(bank_name)
+        except BankError as exc:
+            return [Reply(r.id, error=exc) for r in requests]
+        valid: list[tuple[int, Op]] = []
+        for i, request in enumerate(requests):
+            try:
+                valid.append((i, self._to_op(bank, request)))
+            except BankError as exc:
+                replies[i] = Reply(request.id, error=exc)
+        if valid:
+            try:
+                results = bank.execute([op for _, op in valid])
+            except Exception as exc:
+                logger.exception("internal error in a batch of %d on %s", len(valid), bank_name)
+                results = [BankError(ErrorCode.INTERNAL, f"{exc.__class__.__name__}: {exc}")] * len(valid)
+            for (i, op), result in zip(valid, results):
+                replies[i] = self._result_reply(requests[i].id, op, result)
+        return replies  # type: ignore[return-value]
+
+    def _to_op(self, bank: MemoryBank, request: Request) -> Op:
+        a, args = request.arrays, request.args
+        rows = next(iter(a.values())).shape[0] if a else 0
+        if rows > self.limits.max_batch:
+            raise BankError(ErrorCode.TOO_LARGE, f"{rows} rows in one {request.op}; this server takes at most {self.limits.max_batch}")
+        if request.op == "update":
+            op: Op = Update(a["ids"], a["rows"], args.get("mode", "momentum"))
+        elif request.op == "knn":
+            op = Search(a["queries"], args["k"], a.get("exclude"))
+        else:
+            op = SearchUpdate(a["ids"], a["features"], args["k"])
+        bank.validate(op)
+        return op
+
+    @staticmethod
+    def _result_reply(rid: int, op: Op, result: KnnResult | BankError | None) -> Reply:
+        if isinstance(result, BankError):
+            return Reply(rid, error=result)
+        if isinstance(op, Update):
+            return Reply(rid, result={"rows_updated": int(op.ids.shape[0])})
+        return Reply(rid, arrays={"scores": result.scores, "ids": result.ids})
+
+    def _handle(self, request: Request) -> Reply:
+        op, args, rid = request.op, request.args, request.id
+        if op == "hello":
+            return Reply(rid, result={"protocol": PROTOCOL_VERSION, "version": __version__,
+                                      "banks": {n: b.info() for n, b in list(self.banks.items())}})
+        if op == "stats":
+            return Reply(rid, result=self.stats())
+        if op == "create":
+            return Reply(rid, result=self.create(request.bank, args))
+        if op == "drop":
+            with self._lock:
+                self.bank(request.bank)
+                del self.banks[request.bank]
+            logger.info("dropped bank %r", request.bank)
+            return Reply(rid, result={"dropped": request.bank})
+        bank = self.bank(request.bank)
+        if op == "info":
+            return Reply(rid, result=bank.info())
+        if op == "gather":
+            if request.arrays["ids"].shape[0] > self.limits.max_batch:
+                raise BankError(ErrorCode.TOO_LARGE, f"gather of {request.arrays['ids'].shape[0]} rows; at most {self.limits.max_batch}")
+            return Reply(rid, arrays={"rows": bank.gather(request.arrays["ids"])})
+        if op == "sample":
+            if args["m"] > self.limits.max_batch:
+                raise BankError(ErrorCode.TOO_LARGE, f"sample of {args['m']} rows; at most {self.limits.max_batch}")
+            ids, rows = bank.sample(args["m"], args.get("seed", 0))
+            return Reply(rid, arrays={"ids": ids, "rows": rows})
+        raise BankError(ErrorCode.UNKNOWN_OP, f"op {op!r} is not served here")
+
+    def create(self, name: str | None, args: dict[str, Any]) -> dict[str, Any]:
+        """Create bank ``name``; with ``exist_ok`` an identical existing bank is fine."""
+        config = BankConfig(name=name or "", rows=args["rows"], dim=args["dim"],
+                            momentum=float(args.get("momentum", 0.5)), init=args.get("init", "uniform"),
+                            seed=args.get("seed", 0), dtype=args.get("dtype", "float32"))
+        with self._lock:
+            existing = self.banks.get(config.name)
+            if existing is not None:
+                if not args.get("exist_ok", False):
+                    raise BankError(ErrorCode.BANK_EXISTS, f"bank {config.name!r} exists; drop it first or pass exist_ok")
+                if (existing.config.rows, existing.config.dim) != (config.rows, config.dim):
+                    raise BankError(ErrorCode.BANK_MISMATCH, f"bank {config.name!r} exists with "
+                                    f"{existing.config.rows} x {existing.config.dim}, not {config.rows} x {config.dim}")
+                return existing.info()
+            if len(self.banks) >= self.limits.max_banks:
+                raise BankError(ErrorCode.TOO_LARGE, f"this server holds at most {self.limits.max_banks} banks")
+            config.validate(self.limits.max_bank_bytes)
+            self.banks[config.name] = bank = MemoryBank(config)
+        logger.info("created bank %r: %d x %d, momentum %.3g, init %s", config.name, config.rows,
+                    config.dim, config.momentum, config.init)
+        return bank.info()
+
+    def add_bank(self, bank: MemoryBank) -> None:
+        """Install a bank built elsewhere (a restored snapshot)."""
+        with self._lock:
+            self.banks[bank.config.name] = bank
+
+    def stats(self) -> dict[str, Any]:
+        """Banks and their counters, plus whatever the host (the server) adds."""
+        return {"uptime_s": time.time() - self.started,
+                "banks": {n: b.info() for n, b in list(self.banks.items())}, **self.extra_stats()}
