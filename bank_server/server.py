@@ -20,7 +20,7 @@ import zmq
 from bank_server.dispatch import Dispatcher, Job
 from bank_server.metrics import ServerMetrics
 from fgc_bank.errors import BankError, ErrorCode
-from fgc_bank.protocol import MAX_FRAME_BYTES, Reply, decode_request, encode_reply, peek_request_id
+from fgc_bank.protocol import MAX_FRAME_BYTES, MAX_HEADER_BYTES, Reply, decode_request, encode_reply, peek_request_id
 from fgc_bank.search import set_threads
 from fgc_bank.service import BankService, Limits
 
@@ -39,6 +39,7 @@ class ServerConfig:
     workers: int = 1
     faiss_threads: int = 0  # 0: FAISS's default, one per core
     max_queue: int = 1024
+    max_frame_bytes: int = MAX_FRAME_BYTES
     limits: Limits = Limits()
 
     @property
@@ -64,7 +65,9 @@ class BankServer:
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a vanished client is counted, not silently lost
-        self._router.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES + 1024)
+        # Frames up to twice the limit are answered with too_large; larger ones ZeroMQ refuses
+        # outright (it drops the connection) so they never reach memory.
+        self._router.setsockopt(zmq.MAXMSGSIZE, 2 * config.max_frame_bytes + MAX_HEADER_BYTES)
         self._router.setsockopt(zmq.RCVHWM, 0)  # the dispatcher's bounded queues do the backpressure
         try:
             self._router.bind(config.bind_address)
@@ -127,7 +130,7 @@ class BankServer:
     def _handle(self, peer: Any, frames: list[Any]) -> None:
         buffers = [f.buffer for f in frames]
         try:
-            request = decode_request(buffers)
+            request = decode_request(buffers, self.config.max_frame_bytes)
         except BankError as exc:
             self._send(peer, Reply(peek_request_id(buffers), error=exc), "invalid")
             return

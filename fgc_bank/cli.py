@@ -46,12 +46,14 @@ def main(log_level: str) -> None:
               help="Requests queued per worker before the server answers 'busy'.")
 @click.option("--max-batch", type=click.IntRange(1, 1 << 24), default=65536,
               help="Most rows or queries in one request.")
+@click.option("--max-frame-mib", type=click.FloatRange(0.001), default=256.0,
+              help="Largest array frame a client may send, in MiB; larger ones get 'too_large'.")
 @click.option("--max-bank-gib", type=click.FloatRange(0.001), default=64.0,
               help="Largest bank a client may create, in GiB of float32 rows.")
 @click.option("--address-file", type=click.Path(dir_okay=False, writable=True, path_type=Path), default=None,
               help="Write the bound address here once the server is ready (for scripts and port 0).")
 def serve(host: str, port: int, endpoint: str | None, workers: int, faiss_threads: int, max_queue: int,
-          max_batch: int, max_bank_gib: float, address_file: Path | None) -> None:
+          max_batch: int, max_frame_mib: float, max_bank_gib: float, address_file: Path | None) -> None:
     """Serve memory banks over ZeroMQ until Ctrl-C or SIGTERM."""
     from bank_server.server import BankServer, ServerConfig
     from fgc_bank.errors import BankError
@@ -59,7 +61,8 @@ def serve(host: str, port: int, endpoint: str | None, workers: int, faiss_thread
 
     limits = Limits(max_batch=max_batch, max_bank_bytes=int(max_bank_gib * 2**30))
     config = ServerConfig(host=host, port=port, endpoint=endpoint, workers=workers,
-                          faiss_threads=faiss_threads, max_queue=max_queue, limits=limits)
+                          faiss_threads=faiss_threads, max_queue=max_queue,
+                          max_frame_bytes=int(max_frame_mib * 2**20), limits=limits)
     try:
         server = BankServer(config)
     except BankError as exc:

@@ -150,7 +150,7 @@ def _array_buffers(arrays: dict[str, np.ndarray]) -> tuple[list[list[Any]], list
     return meta, buffers
 
 
-def _decode_arrays(meta: Any, frames: Sequence[Any]) -> dict[str, np.ndarray]:
+def _decode_arrays(meta: Any, frames: Sequence[Any], max_frame_bytes: int = MAX_FRAME_BYTES) -> dict[str, np.ndarray]:
     if not isinstance(meta, list) or len(meta) > MAX_ARRAYS:
         raise _fail(ErrorCode.BAD_MESSAGE, f"'arrays' must be a list of at most {MAX_ARRAYS} entries")
     if len(meta) != len(frames):
@@ -168,8 +168,8 @@ def _decode_arrays(meta: Any, frames: Sequence[Any]) -> dict[str, np.ndarray]:
             raise _fail(ErrorCode.BAD_SHAPE, f"array {name!r} has an invalid shape {shape!r:.200}")
         buf = memoryview(frame)
         expected = math.prod(shape) * DTYPES[kind].itemsize
-        if buf.nbytes > MAX_FRAME_BYTES:
-            raise _fail(ErrorCode.TOO_LARGE, f"array {name!r} is {buf.nbytes} bytes; limit {MAX_FRAME_BYTES}")
+        if buf.nbytes > max_frame_bytes:
+            raise _fail(ErrorCode.TOO_LARGE, f"array {name!r} is {buf.nbytes} bytes; limit {max_frame_bytes}")
         if buf.nbytes != expected:
             raise _fail(ErrorCode.BAD_SHAPE, f"array {name!r} declares shape {shape} of {kind} "
                         f"({expected} bytes) but its frame has {buf.nbytes} bytes")
@@ -197,7 +197,7 @@ def peek_request_id(frames: Sequence[Any]) -> int:
         return 0
 
 
-def decode_request(frames: Sequence[Any]) -> Request:
+def decode_request(frames: Sequence[Any], max_frame_bytes: int = MAX_FRAME_BYTES) -> Request:
     """Frames -> a validated Request. Raises BankError with a stable code for anything malformed.
 
     Checks the header's shape, version, op, bank name, scalar argument types and array dtypes and
@@ -224,7 +224,7 @@ def decode_request(frames: Sequence[Any]) -> Request:
     if not isinstance(args, dict):
         raise _fail(ErrorCode.BAD_MESSAGE, "'args' must be a map")
     _check_args(op, spec, args)
-    arrays = _decode_arrays(header.get("arrays", []), frames[1:])
+    arrays = _decode_arrays(header.get("arrays", []), frames[1:], max_frame_bytes)
     _check_arrays(op, spec, arrays)
     return Request(op=op, bank=bank if spec.needs_bank else None, args=args, arrays=arrays, id=rid)
 

@@ -1,0 +1,90 @@
+"""Shared fixtures: seeded data, numpy oracles, and a real `fgc-bank serve` process on loopback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+
+# Scale every wait by this factor on slow machines instead of asserting wall times.
+TIME_FACTOR = float(os.environ.get("FGC_BANK_TIME_FACTOR", "1"))
+
+
+def brute_force_knn(rows: np.ndarray, queries: np.ndarray, k: int,
+                    exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The oracle: float64 scores, own id masked, full sort."""
+    scores = queries.astype(np.float64) @ rows.astype(np.float64).T
+    if exclude is not None:
+        scores[np.arange(len(queries)), exclude] = -np.inf
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), order
+
+
+def assert_same_knn(scores: np.ndarray, ids: np.ndarray, ref_scores: np.ndarray, ref_ids: np.ndarray) -> None:
+    """Equal scores (float32 tolerance) and equal ids, except where neighbouring scores tie."""
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, atol=1e-5)
+    ties = np.isclose(ref_scores[:, :-1], ref_scores[:, 1:], rtol=1e-5, atol=1e-6)
+    tied = np.zeros_like(ids, dtype=bool)
+    tied[:, :-1] |= ties
+    tied[:, 1:] |= ties
+    assert (ids[~tied] == ref_ids[~tied]).all()
+
+
+def momentum_oracle(rows: np.ndarray, ids: np.ndarray, values: np.ndarray, m: float) -> np.ndarray:
+    """FGC.md step 2, written directly: normalise(m * row + (1 - m) * value)."""
+    out = rows.astype(np.float64).copy()
+    mixed = m * out[ids] + (1 - m) * values.astype(np.float64)
+    out[ids] = mixed / np.linalg.norm(mixed, axis=1, keepdims=True)
+    return out
+
+
+def start_server(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """Start `fgc-bank serve` on a free loopback port and wait until it answers a hello."""
+    address_file = tmp_path / f"address-{time.monotonic_ns()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fgc_bank.cli", "--log-level", "warning", "serve", "--port", "0",
+         "--address-file", str(address_file), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60 * TIME_FACTOR
+    while not address_file.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("server did not start in time")
+        time.sleep(0.05)
+    address = address_file.read_text().strip()
+    from fgc_bank import connect
+
+    with connect(address, timeout=30 * TIME_FACTOR) as client:
+        client.hello()
+    return proc, address
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30 * TIME_FACTOR)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The address of a real server process, shared by a test module."""
+    proc, address = start_server(tmp_path_factory.mktemp("server"))
+    yield address
+    assert proc.poll() is None, "the server died during the tests"
+    stop_server(proc)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)

@@ -1,0 +1,193 @@
+"""MemoryBank against numpy oracles: kNN, self-exclusion, FGC's momentum rule, coalesced batches."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_same_knn, brute_force_knn, momentum_oracle
+from fgc_bank.bank import BankConfig, MemoryBank, Search, SearchUpdate, Update, momentum_update_
+from fgc_bank.errors import BankError, ErrorCode
+
+
+def make_bank(rows: int = 500, dim: int = 16, init: str = "unit", momentum: float = 0.5) -> MemoryBank:
+    return MemoryBank(BankConfig("b", rows, dim, momentum=momentum, init=init, seed=7))
+
+
+@pytest.mark.parametrize("rows,dim,batch,k", [(500, 16, 7, 10), (1000, 64, 64, 200), (300, 8, 1, 1), (64, 4, 5, 64)])
+def test_knn_matches_brute_force(rows: int, dim: int, batch: int, k: int, rng: np.random.Generator) -> None:
+    bank = make_bank(rows, dim)
+    queries = rng.standard_normal((batch, dim)).astype(np.float32)
+    result = bank.execute([Search(queries, k)])[0]
+    assert result.scores.shape == (batch, k) and result.ids.dtype == np.int64
+    assert_same_knn(result.scores, result.ids, *brute_force_knn(bank.rows_np, queries, k))
+
+
+def test_knn_excludes_each_querys_own_id(rng: np.random.Generator) -> None:
+    bank = make_bank(400, 8)
+    ids = rng.choice(400, 32, replace=False)
+    queries = bank.rows_np[ids] * 3  # each query's own row is its best match
+    result = bank.execute([Search(queries, 20, ids)])[0]
+    assert not (result.ids == ids[:, None]).any()
+    assert_same_knn(result.scores, result.ids, *brute_force_knn(bank.rows_np, queries, 20, ids))
+
+
+def test_knn_with_k_equal_to_all_other_rows(rng: np.random.Generator) -> None:
+    bank = make_bank(50, 4)
+    ids = np.arange(5)
+    result = bank.execute([Search(bank.rows_np[ids].copy(), 49, ids)])[0]
+    for i in range(5):
+        assert sorted(result.ids[i]) == [j for j in range(50) if j != i]
+
+
+def test_momentum_update_matches_fgc_formula(rng: np.random.Generator) -> None:
+    bank = make_bank(200, 16, init="uniform")
+    before = bank.rows_np.copy()
+    ids = rng.choice(200, 30, replace=False)
+    values = rng.standard_normal((30, 16)).astype(np.float32) * 5
+    bank.execute([Update(ids, values)])
+    expected = momentum_oracle(before, ids, values, 0.5)
+    np.testing.assert_allclose(bank.rows_np, expected, rtol=1e-5, atol=1e-6)
+    untouched = np.setdiff1d(np.arange(200), ids)
+    assert np.array_equal(bank.rows_np[untouched], before[untouched])
+
+
+def test_momentum_update_function_on_torch_rows() -> None:
+    rows = torch.rand(10, 3, dtype=torch.float64)
+    before = rows.numpy().copy()
+    ids = torch.tensor([1, 4])
+    values = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 0.0]], dtype=torch.float64)
+    momentum_update_(rows, ids, values, 0.9)
+    np.testing.assert_allclose(rows.numpy(), momentum_oracle(before, ids.numpy(), values.numpy(), 0.9))
+
+
+def test_overwrite_writes_rows_verbatim(rng: np.random.Generator) -> None:
+    bank = make_bank(100, 4)
+    values = rng.standard_normal((3, 4)).astype(np.float32)
+    bank.execute([Update(np.array([5, 0, 99]), values, "overwrite")])
+    assert np.array_equal(bank.rows_np[[5, 0, 99]], values)
+
+
+def test_knn_update_searches_before_updating(rng: np.random.Generator) -> None:
+    bank = make_bank(300, 8)
+    before = bank.rows_np.copy()
+    ids = rng.choice(300, 16, replace=False)
+    features = rng.standard_normal((16, 8)).astype(np.float32)
+    result = bank.execute([SearchUpdate(ids, features, 10)])[0]
+    assert_same_knn(result.scores, result.ids, *brute_force_knn(before, features, 10, ids))
+    np.testing.assert_allclose(bank.rows_np, momentum_oracle(before, ids, features, 0.5), rtol=1e-5, atol=1e-6)
+
+
+def test_uniform_init_is_fgcs_range() -> None:
+    bank = make_bank(2000, 12, init="uniform")
+    bound = 1 / math.sqrt(12 / 3)
+    assert bank.rows_np.min() >= -bound and bank.rows_np.max() <= bound
+    assert bank.rows_np.max() > 0.95 * bound  # it fills the range, it is not all zeros
+    again = make_bank(2000, 12, init="uniform")
+    assert np.array_equal(bank.rows_np, again.rows_np)  # seeded
+
+
+def random_ops(rng: np.random.Generator, rows: int, dim: int, count: int) -> list:
+    ops = []
+    for _ in range(count):
+        kind = rng.integers(3)
+        batch = int(rng.integers(1, 40))
+        ids = rng.choice(rows, batch, replace=False)
+        values = rng.standard_normal((batch, dim)).astype(np.float32)
+        k = int(rng.integers(1, 30))
+        if kind == 0:
+            ops.append(Update(ids, values, "momentum" if rng.random() < 0.8 else "overwrite"))
+        elif kind == 1:
+            ops.append(Search(values, k, ids if rng.random() < 0.5 else None))
+        else:
+            ops.append(SearchUpdate(ids, values, k))
+    return ops
+
+
+@pytest.mark.parametrize("rows", [60, 400, 5000])
+def test_coalesced_batch_equals_one_op_at_a_time(rows: int, rng: np.random.Generator) -> None:
+    """One FAISS call for a whole run of ops answers exactly as the ops run one by one would,
+    including when the run's updates change most of a small bank (the re-search path)."""
+    ops = random_ops(rng, rows, 8, 12)
+    batched, serial = make_bank(rows, 8), make_bank(rows, 8)
+    together = batched.execute(ops)
+    one_by_one = [serial.execute([op])[0] for op in ops]
+    for got, want in zip(together, one_by_one):
+        if want is None:
+            assert got is None
+        else:
+            assert_same_knn(got.scores, got.ids, want.scores, want.ids)
+    np.testing.assert_array_equal(batched.rows_np, serial.rows_np)
+    assert batched.counters["coalesced_calls"] == 1
+
+
+@pytest.mark.parametrize("op,code", [
+    (lambda: Search(np.zeros((2, 5), np.float32), 3), ErrorCode.BAD_SHAPE),
+    (lambda: Search(np.zeros((2, 8), np.float64), 3), ErrorCode.BAD_DTYPE),
+    (lambda: Search(np.zeros((2, 8), np.float32), 0), ErrorCode.BAD_K),
+    (lambda: Search(np.zeros((2, 8), np.float32), 101), ErrorCode.BAD_K),
+    (lambda: Search(np.zeros((2, 8), np.float32), 100, np.array([1, 2])), ErrorCode.BAD_K),
+    (lambda: Search(np.full((2, 8), np.nan, np.float32), 3), ErrorCode.NOT_FINITE),
+    (lambda: Search(np.zeros((2, 8), np.float32), 3, np.array([1])), ErrorCode.BAD_SHAPE),
+    (lambda: Update(np.array([1, 100]), np.zeros((2, 8), np.float32)), ErrorCode.ID_OUT_OF_RANGE),
+    (lambda: Update(np.array([-1, 3]), np.zeros((2, 8), np.float32)), ErrorCode.ID_OUT_OF_RANGE),
+    (lambda: Update(np.array([3, 3]), np.ones((2, 8), np.float32)), ErrorCode.DUPLICATE_IDS),
+    (lambda: Update(np.array([3]), np.ones((2, 8), np.float32)), ErrorCode.BAD_SHAPE),
+    (lambda: Update(np.array([3]), np.full((1, 8), np.inf, np.float32)), ErrorCode.NOT_FINITE),
+    (lambda: Update(np.array([3]), np.ones((1, 8), np.float32), "average"), ErrorCode.BAD_ARGUMENT),
+    (lambda: SearchUpdate(np.array([3, 4]), np.ones((2, 8), np.float32), 100), ErrorCode.BAD_K),
+    (lambda: SearchUpdate(np.array([3, 3]), np.ones((2, 8), np.float32), 5), ErrorCode.DUPLICATE_IDS),
+])
+def test_bad_ops_are_refused_and_change_nothing(op, code: ErrorCode) -> None:
+    bank = make_bank(100, 8)
+    before = bank.rows_np.copy()
+    with pytest.raises(BankError) as info:
+        bank.validate(op())
+    assert info.value.code is code
+    assert np.array_equal(bank.rows_np, before)
+
+
+def test_sample_is_seeded_distinct_and_gathers_the_rows() -> None:
+    bank = make_bank(100, 4)
+    ids, rows = bank.sample(30, seed=3)
+    again, _ = bank.sample(30, seed=3)
+    assert np.array_equal(ids, again) and len(set(ids.tolist())) == 30
+    assert np.array_equal(rows, bank.rows_np[ids])
+    assert np.array_equal(bank.gather(ids[:5]), bank.rows_np[ids[:5]])
+    with pytest.raises(BankError) as info:
+        bank.sample(101, seed=0)
+    assert info.value.code is ErrorCode.BAD_ARGUMENT
+
+
+@pytest.mark.parametrize("kwargs,code", [
+    ({"rows": 0}, ErrorCode.BAD_ARGUMENT), ({"dim": 0}, ErrorCode.BAD_ARGUMENT),
+    ({"momentum": 1.0}, ErrorCode.BAD_ARGUMENT), ({"init": "zeros"}, ErrorCode.BAD_ARGUMENT),
+    ({"dtype": "float64"}, ErrorCode.BAD_ARGUMENT), ({"rows": 10**9, "dim": 512}, ErrorCode.TOO_LARGE),
+])
+def test_bad_configs_are_refused_before_allocating(kwargs: dict, code: ErrorCode) -> None:
+    config = BankConfig(**{"name": "b", "rows": 10, "dim": 4, **kwargs})
+    with pytest.raises(BankError) as info:
+        config.validate(max_bytes=2**30)
+    assert info.value.code is code
+
+
+def test_coalesced_search_researches_when_updates_empty_its_candidates(rng: np.random.Generator) -> None:
+    """Rows that were a query's best matches are moved away earlier in the same batch: every
+    pre-batch candidate is stale, so the bank must search that query again to stay exact."""
+    direction = rng.standard_normal((1, 16)).astype(np.float32)
+    aligned = np.repeat(direction / np.linalg.norm(direction), 40, axis=0)
+    batched, serial = make_bank(5000, 16), make_bank(5000, 16)
+    for bank in (batched, serial):
+        bank.execute([Update(np.arange(40), aligned, "overwrite")])
+    ops = [Update(np.arange(40), -aligned, "overwrite"), Search(direction, 20)]
+    calls = []
+    original = batched._search_one
+    batched._search_one = lambda *a: calls.append(a) or original(*a)  # type: ignore[method-assign]
+    got = batched.execute(ops)[1]
+    want = [serial.execute([op])[0] for op in ops][1]
+    assert calls, "the stale-candidate fallback did not run"
+    assert not np.isin(got.ids, np.arange(40)).any()
+    assert_same_knn(got.scores, got.ids, want.scores, want.ids)
