@@ -1,0 +1,67 @@
+"""Checkpoints: the run's config, where it stopped, model and optimizer state, and both banks.
+
+Files are written atomically (temporary file, then rename), so a crash mid-save leaves the previous
+checkpoint intact, and read with ``torch.load(weights_only=True)``: tensors and plain data only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.errors import TrainerError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Everything needed to continue a run."""
+
+    config: dict[str, Any]  # TrainConfig.to_dict()
+    epoch: int  # epochs completed: a resumed run starts at this epoch
+    fgc_start: int | None  # first epoch of the FGC phase (None: BAS)
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None = None
+    gate_bank: dict[str, torch.Tensor] | None = None  # block -> (N, C) rows
+    feature_banks: dict[str, torch.Tensor] | None = None  # block -> (N, C) rows, if saved
+    best_top1: float = 0.0
+
+
+def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
+    """Write ``checkpoint`` to ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save({"format": CHECKPOINT_FORMAT, **asdict(checkpoint)}, tmp)
+    os.replace(tmp, path)
+    logger.info("saved checkpoint %s (epoch %d)", path, checkpoint.epoch)
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`, or say why it cannot be used."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainerError(f"checkpoint {path} does not exist; pass the checkpoint.pt that a "
+                           "previous fgc-train run wrote into its --out-dir")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt or foreign file
+        raise TrainerError(f"cannot read checkpoint {path}: {exc}; is it an fgc-train "
+                           "checkpoint?") from exc
+    if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
+        found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise TrainerError(f"{path} is not an fgc-train checkpoint of format {CHECKPOINT_FORMAT} "
+                           f"(found {found!r}); use a checkpoint written by this version")
+    raw.pop("format")
+    try:
+        return Checkpoint(**raw)
+    except TypeError as exc:
+        raise TrainerError(f"checkpoint {path} has unexpected contents: {exc}") from exc

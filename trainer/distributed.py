@@ -1,0 +1,114 @@
+"""torch.distributed set-up for torchrun (gloo on CPU, nccl on GPU) and the few collectives we use.
+
+Without torchrun's environment (``RANK``/``WORLD_SIZE`` unset) everything runs as a single process
+with no process group, and the collectives below are identities.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that prints, logs metrics and writes checkpoints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(preference: str, local_rank: int) -> torch.device:
+    """``auto``: this rank's GPU when CUDA is available, else the CPU; or an explicit device."""
+    if preference == "auto":
+        preference = "cuda" if torch.cuda.is_available() else "cpu"
+    if preference == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(preference)
+
+
+def init_distributed(device_preference: str = "auto") -> DistContext:
+    """Join torchrun's process group if launched by it; pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_preference, local_rank)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend)
+        logger.info("rank %d/%d joined the %s process group on %s", rank, world, backend, device)
+    return DistContext(rank, world, local_rank, device)
+
+
+def shutdown() -> None:
+    """Leave the process group, if any."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: Tensor, ctx: DistContext) -> Tensor:
+    """Sum over ranks, in place; returns ``tensor``."""
+    if ctx.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_rows(ids: Tensor, rows: dict[int, Tensor], ctx: DistContext
+                    ) -> tuple[Tensor, dict[int, Tensor]]:
+    """Concatenate every rank's ``ids`` and rows, in rank order, identically on every rank.
+
+    Ranks may hold different batch sizes: sizes are exchanged first and batches padded.
+
+    Parameters
+    ----------
+    ids : (B_r,) int64 dataset indices of this rank's batch.
+    rows : per key, a (B_r, C_key) tensor of this rank's values.
+
+    Returns
+    -------
+    ids : (sum_r B_r,) int64; rows : per key, (sum_r B_r, C_key).
+    """
+    if not ctx.distributed:
+        return ids, rows
+    sizes = torch.zeros(ctx.world_size, dtype=torch.int64, device=ids.device)
+    sizes[ctx.rank] = len(ids)
+    dist.all_reduce(sizes)
+    longest = int(sizes.max())
+    keep = torch.cat([torch.arange(int(n), device=ids.device) + r * longest
+                      for r, n in enumerate(sizes.tolist())])
+    gathered_ids = _gather_padded(ids, longest, ctx)[keep]
+    gathered = {key: _gather_padded(value, longest, ctx)[keep] for key, value in rows.items()}
+    return gathered_ids, gathered
+
+
+def _gather_padded(value: Tensor, longest: int, ctx: DistContext) -> Tensor:
+    padded = value.new_zeros((longest, *value.shape[1:]))
+    padded[: len(value)] = value
+    out = [torch.empty_like(padded) for _ in range(ctx.world_size)]
+    dist.all_gather(out, padded.contiguous())
+    return torch.cat(out)
