@@ -41,14 +41,14 @@ _STOP = object()
 class Dispatcher:
     """Worker threads with bounded queues; replies leave through ``respond`` (called on a worker)."""
 
-    def __init__(self, service: BankService, respond_factory: Callable[[], Respond],
-                 workers: int = 1, max_queue: int = 1024) -> None:
+    def __init__(self, service: BankService, respond: Respond, workers: int = 1, max_queue: int = 1024) -> None:
         self.service = service
         self._queues = [queue.Queue(maxsize=max_queue) for _ in range(max(1, workers))]
-        self._threads = [threading.Thread(target=self._work, args=(q, respond_factory), daemon=True,
+        self._threads = [threading.Thread(target=self._work, args=(q, respond), daemon=True,
                                           name=f"fgc-bank-worker-{i}") for i, q in enumerate(self._queues)]
         self.batches = 0
         self.coalesced = 0
+        self._stopped = False
         for thread in self._threads:
             thread.start()
 
@@ -67,6 +67,8 @@ class Dispatcher:
 
     def barrier(self, action: Callable[[], Any]) -> Any:
         """Run ``action`` while every worker is paused between requests (a consistent cut)."""
+        if self._stopped:  # no worker runs any more: every point is consistent
+            return action()
         paused = [threading.Event() for _ in self._queues]
         resume = threading.Event()
         for q, event in zip(self._queues, paused):
@@ -80,13 +82,15 @@ class Dispatcher:
 
     def stop(self) -> None:
         """Finish what is queued, then stop the workers."""
+        if self._stopped:
+            return
         for q in self._queues:
             q.put(_STOP)
         for thread in self._threads:
             thread.join()
+        self._stopped = True
 
-    def _work(self, jobs: queue.Queue, respond_factory: Callable[[], Respond]) -> None:
-        respond = respond_factory()
+    def _work(self, jobs: queue.Queue, respond: Respond) -> None:
         while True:
             items = [jobs.get()]
             while True:

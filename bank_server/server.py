@@ -2,31 +2,37 @@
 
 One thread owns the ROUTER socket and does nothing slow: it decodes headers (arrays stay in the
 received frames: ``np.frombuffer`` views), answers cheap requests inline and queues the rest for
-the bank workers. Workers hand replies back over an inproc PUSH/PULL pair, since a ZeroMQ socket
-belongs to one thread; the frames travel by reference, never copied.
+the bank workers. Workers hand replies back over inproc PUSH/PULL, since a ZeroMQ socket belongs
+to one thread; the frames travel by reference, never copied.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import signal
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import zmq
 
+from bank_server.dedup import MUTATING_OPS, RecentRequests, Seen
 from bank_server.dispatch import Dispatcher, Job
 from bank_server.metrics import ServerMetrics
+from bank_server import snapshot as snapshots
 from fgc_bank.errors import BankError, ErrorCode
-from fgc_bank.protocol import MAX_FRAME_BYTES, MAX_HEADER_BYTES, Reply, decode_request, encode_reply, peek_request_id
+from fgc_bank.protocol import (MAX_FRAME_BYTES, MAX_HEADER_BYTES, Reply, Request, decode_request,
+                               encode_reply, peek_request_id)
 from fgc_bank.search import set_threads
 from fgc_bank.service import BankService, Limits
 
 logger = logging.getLogger(__name__)
 
 INLINE_OPS = frozenset({"hello", "stats"})
+ADMIN_OPS = frozenset({"snapshot", "restore"})  # slow and global: run on the admin thread
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,11 @@ class ServerConfig:
     max_queue: int = 1024
     max_frame_bytes: int = MAX_FRAME_BYTES
     limits: Limits = Limits()
+    snapshot_dir: Path | None = None
+    snapshot_every: float = 0.0  # seconds; 0: only on request and at shutdown
+    snapshot_keep: int = 3
+    curve_secret: Path | None = None  # the server's secret key file: enables CURVE
+    curve_clients: Path | None = None  # directory of authorised clients' public key files
 
     @property
     def bind_address(self) -> str:
@@ -57,42 +68,59 @@ class BankServer:
         self.config = config
         self.service = service or BankService(config.limits)
         self.metrics = ServerMetrics()
+        self.recent = RecentRequests()
         self._ctx = zmq.Context.instance()
         self._stopping = threading.Event()
+        self._local = threading.local()
         self._replies_addr = f"inproc://fgc-bank-replies-{id(self)}"
         self._replies = self._ctx.socket(zmq.PULL)
         self._replies.bind(self._replies_addr)
         self._router = self._ctx.socket(zmq.ROUTER)
-        self._router.setsockopt(zmq.LINGER, 0)
-        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a vanished client is counted, not silently lost
-        # Frames up to twice the limit are answered with too_large; larger ones ZeroMQ refuses
-        # outright (it drops the connection) so they never reach memory.
-        self._router.setsockopt(zmq.MAXMSGSIZE, 2 * config.max_frame_bytes + MAX_HEADER_BYTES)
-        self._router.setsockopt(zmq.RCVHWM, 0)  # the dispatcher's bounded queues do the backpressure
+        self._auth = None
         try:
-            self._router.bind(config.bind_address)
-        except zmq.ZMQError as exc:
+            self._configure_router(config)
+        except (zmq.ZMQError, OSError, ValueError) as exc:
             self.close()
             raise BankError(ErrorCode.BAD_ARGUMENT, f"cannot bind {config.bind_address}: {exc}") from None
         self.address = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         set_threads(config.faiss_threads)
+        self.restored = self._restore_latest()
         self.service.extra_stats = self._server_stats
-        self.dispatcher = Dispatcher(self.service, self._responder, config.workers, config.max_queue)
+        self.dispatcher = Dispatcher(self.service, self._respond, config.workers, config.max_queue)
+        self._admin = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fgc-bank-admin")
+        self.snapshotter = None
+        if config.snapshot_dir is not None:
+            self.snapshotter = snapshots.Snapshotter(config.snapshot_dir, self.dispatcher.barrier, self._capture,
+                                                     config.snapshot_every, config.snapshot_keep)
 
-    def _responder(self):
-        """A reply sender for one worker thread: its own PUSH socket into the socket thread."""
-        push = self._ctx.socket(zmq.PUSH)
-        push.connect(self._replies_addr)
+    def _configure_router(self, config: ServerConfig) -> None:
+        router = self._router
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a vanished client is counted, not silently lost
+        # Frames up to twice the limit are answered with too_large; larger ones ZeroMQ refuses
+        # outright (it drops the connection) so they never reach memory.
+        router.setsockopt(zmq.MAXMSGSIZE, 2 * config.max_frame_bytes + MAX_HEADER_BYTES)
+        router.setsockopt(zmq.RCVHWM, 4 * config.max_queue)  # past this, TCP pushes back on senders
+        if config.curve_secret is not None:
+            from bank_server.auth import start_curve
 
-        def respond(replies: list[tuple[Job, Reply]]) -> None:
-            for job, reply in replies:
-                self.metrics.observe(job.request.op, reply.error, time.perf_counter() - job.arrived)
-                push.send_multipart([job.peer, *encode_reply(reply)], copy=False)
+            self._auth = start_curve(self._ctx, router, config.curve_secret, config.curve_clients)
+        router.bind(config.bind_address)
 
-        return respond
+    def _respond(self, replies: list[tuple[Job, Reply]]) -> None:
+        """Send replies from any thread: each thread gets its own PUSH socket into the socket loop."""
+        push = getattr(self._local, "push", None)
+        if push is None:
+            push = self._local.push = self._ctx.socket(zmq.PUSH)
+            push.connect(self._replies_addr)
+        for job, reply in replies:
+            self.metrics.observe(job.request.op, reply.error, time.perf_counter() - job.arrived)
+            if job.request.client and job.request.op in MUTATING_OPS:
+                self.recent.done(job.request.client, job.request.id, reply)
+            push.send_multipart([job.peer, *encode_reply(reply)], copy=False)
 
     def serve_forever(self) -> None:
-        """Run the socket loop in this thread until :meth:`stop` (or SIGINT/SIGTERM via install_signal_handlers)."""
+        """Run the socket loop in this thread until :meth:`stop` (or SIGINT/SIGTERM)."""
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._replies, zmq.POLLIN)
@@ -105,10 +133,20 @@ class BankServer:
                 if self._router in events:
                     self._receive()
         finally:
-            self.dispatcher.stop()
-            self._forward_replies()
-            self.close()
-            logger.info("stopped")
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        self.dispatcher.stop()
+        self._admin.shutdown(wait=True)
+        if self.snapshotter is not None:
+            self.snapshotter.stop()
+            try:
+                self.snapshotter.snapshot()
+            except Exception:
+                logger.exception("final snapshot failed")
+        self._forward_replies()
+        self.close()
+        logger.info("stopped")
 
     def stop(self) -> None:
         """Ask the loop to finish (safe from any thread or a signal handler)."""
@@ -137,10 +175,96 @@ class BankServer:
         if request.op in INLINE_OPS:
             self._send(peer, self.service.handle(request), request.op)
             return
+        if request.op in ADMIN_OPS:
+            self._admin.submit(self._run_admin, Job(peer, request))
+            return
+        tracked = bool(request.client) and request.op in MUTATING_OPS
+        if tracked:
+            seen, cached = self.recent.check(request.client, request.id)
+            if seen is Seen.QUEUED:
+                return  # the first copy is still queued; its reply will answer the client
+            if seen is Seen.DONE:
+                if cached is not None:
+                    self._send(peer, cached, request.op)
+                    return
+                request, tracked = self._replay(peer, request)
+                if request is None:
+                    return
+        if tracked:  # before submit: the worker may finish before this thread runs again
+            self.recent.begin(request.client, request.id)
         try:
             self.dispatcher.submit(Job(peer, request))
         except BankError as exc:
+            if tracked:
+                self.recent.forget(request.client, request.id)
             self._send(peer, Reply(request.id, error=exc), request.op)
+
+    def _replay(self, peer: Any, request: Request) -> tuple[Request | None, bool]:
+        """A retry of a request already applied whose reply is no longer cached: answer it
+        without applying it again (an update is acknowledged; a knn_update becomes the search
+        alone, on the current rows; a create becomes exist_ok)."""
+        if request.op == "update":
+            result = {"rows_updated": int(request.arrays["ids"].shape[0]), "retry": True}
+            self._send(peer, Reply(request.id, result=result), request.op)
+            return None, False
+        if request.op == "drop":
+            self._send(peer, Reply(request.id, result={"dropped": request.bank, "retry": True}), request.op)
+            return None, False
+        if request.op == "knn_update":
+            arrays = {"queries": request.arrays["features"], "exclude": request.arrays["ids"]}
+            return Request("knn", request.bank, request.args, arrays, request.id, request.client), False
+        args = {**request.args, "exist_ok": True}
+        return Request("create", request.bank, args, {}, request.id, request.client), False
+
+    def _run_admin(self, job: Job) -> None:
+        """snapshot / restore, on the admin thread so the socket loop keeps serving."""
+        try:
+            if self.snapshotter is None:
+                raise BankError(ErrorCode.BAD_ARGUMENT, "this server has no snapshot directory; "
+                                "start it with --snapshot-dir DIR")
+            if job.request.op == "snapshot":
+                reply = Reply(job.request.id, result=self.snapshotter.snapshot())
+            else:
+                reply = Reply(job.request.id, result=self._restore(str(job.request.args["name"])))
+        except BankError as exc:
+            reply = Reply(job.request.id, error=exc)
+        except Exception as exc:
+            logger.exception("%s failed", job.request.op)
+            reply = Reply(job.request.id, error=BankError(ErrorCode.INTERNAL, f"{exc.__class__.__name__}: {exc}"))
+        self._respond([(job, reply)])
+
+    def _capture(self) -> snapshots.Capture:
+        return snapshots.capture(self.service.banks, self.recent.export())
+
+    def _restore_latest(self) -> str | None:
+        if self.config.snapshot_dir is None:
+            return None
+        found = snapshots.load_latest(self.config.snapshot_dir)
+        if found is None:
+            logger.info("no snapshot to restore in %s", self.config.snapshot_dir)
+            return None
+        banks, manifest = found
+        self._install(banks, manifest)
+        name = f"{snapshots.PREFIX}{manifest['seq']:08d}"
+        logger.info("restored %s: %s", name, ", ".join(f"{b.config.name} ({b.config.rows} x {b.config.dim})" for b in banks))
+        return name
+
+    def _install(self, banks: list, manifest: dict[str, Any]) -> None:
+        self.service.replace_banks(banks)
+        self.recent.restore(manifest.get("applied_requests", {}))
+
+    def _restore(self, name: str) -> dict[str, Any]:
+        """Replace every bank by snapshot ``name`` (verified first), with the workers paused."""
+        path = self.config.snapshot_dir / name
+        if not name.startswith(snapshots.PREFIX) or "/" in name or not path.is_dir():
+            raise BankError(ErrorCode.BAD_ARGUMENT, f"no snapshot named {name!r} in {self.config.snapshot_dir}")
+        try:
+            banks, manifest = snapshots.read(path)
+        except snapshots.SnapshotError as exc:
+            raise BankError(ErrorCode.BAD_ARGUMENT, f"snapshot {name} does not verify: {exc}") from None
+        self.dispatcher.barrier(lambda: self._install(banks, manifest))
+        logger.info("restored %s on request", name)
+        return {"name": name, "banks": {b.config.name: b.info() for b in banks}}
 
     def _send(self, peer: Any, reply: Reply, op: str) -> None:
         self.metrics.observe(op, reply.error, 0.0)
@@ -162,11 +286,16 @@ class BankServer:
             logger.warning("reply dropped: %s", exc)
 
     def _server_stats(self) -> dict[str, Any]:
+        last = self.snapshotter.last if self.snapshotter is not None else None
         return {"address": self.address, "queue_depth": self.dispatcher.queue_depth(),
                 "batches": self.dispatcher.batches, "coalesced_requests": self.dispatcher.coalesced,
+                "retries_answered": self.recent.retries_answered, "restored_from": self.restored,
+                "snapshot": None if last is None else {"name": last["name"], "age_s": time.time() - last["time"]},
                 **self.metrics.summary()}
 
     def close(self) -> None:
         """Close the sockets (the loop calls this when it ends)."""
         for sock in (self._router, self._replies):
             sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()

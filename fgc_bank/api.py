@@ -129,6 +129,10 @@ class BankHandle(abc.ABC):
         """Ask the server to write a snapshot now; returns where and what."""
         return self._call(Request("snapshot"), lambda r: r.result)
 
+    def restore(self, name: str) -> dict[str, Any]:
+        """Replace every bank on the server by snapshot ``name`` (as recorded in a checkpoint)."""
+        return self._call(Request("restore", None, {"name": name}), lambda r: r.result)
+
 
 def connect(address: str, timeout: float = DEFAULT_TIMEOUT_S, **options: Any) -> BankHandle:
     """Open a bank handle: ``local://`` (in-process) or ``tcp://host:port`` / ``ipc://path``."""

@@ -1,7 +1,12 @@
-"""The ``fgc-bank`` command line: serve, info, bench. Heavy imports happen inside each command."""
+"""The ``fgc-bank`` command line: serve, info, snapshot, keys, bench.
+
+Heavy imports (torch, faiss, the server, the benchmarks) happen inside each command, so ``--help``
+is instant; ``bench`` is loaded from ``benchmarks.cli`` only when it is run (click's LazyGroup).
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -19,7 +24,25 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-@click.group(context_settings={"auto_envvar_prefix": "FGC_BANK", "show_default": True,
+class LazyGroup(click.Group):
+    """A group whose listed subcommands are imported on first use ("module:attribute")."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy or {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy:
+            module, attribute = self.lazy[name].split(":")
+            return getattr(importlib.import_module(module), attribute)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, lazy={"bench": "benchmarks.cli:bench"},
+             context_settings={"auto_envvar_prefix": "FGC_BANK", "show_default": True,
                                "help_option_names": ["-h", "--help"]})
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               help="Logging verbosity (to stderr).")
@@ -52,22 +75,46 @@ def main(log_level: str) -> None:
               help="Largest bank a client may create, in GiB of float32 rows.")
 @click.option("--address-file", type=click.Path(dir_okay=False, writable=True, path_type=Path), default=None,
               help="Write the bound address here once the server is ready (for scripts and port 0).")
+@click.option("--snapshot-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Restore the newest verified snapshot from here at start; write snapshots here "
+                   "on request, every --snapshot-every seconds, and at shutdown.")
+@click.option("--snapshot-every", type=click.FloatRange(0), default=0.0,
+              help="Seconds between periodic snapshots; 0 = only on request and at shutdown.")
+@click.option("--snapshot-keep", type=click.IntRange(1), default=3, help="Snapshots kept; older ones are pruned.")
+@click.option("--curve-secret", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="The server's secret key file (from `fgc-bank keys`): turns on CURVE encryption "
+                   "and authentication.")
+@click.option("--curve-clients", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="With --curve-secret: directory of the public key files of the clients allowed in.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve Prometheus metrics over HTTP on this port (bound to --host); 0 picks one.")
 def serve(host: str, port: int, endpoint: str | None, workers: int, faiss_threads: int, max_queue: int,
-          max_batch: int, max_frame_mib: float, max_bank_gib: float, address_file: Path | None) -> None:
+          max_batch: int, max_frame_mib: float, max_bank_gib: float, address_file: Path | None,
+          snapshot_dir: Path | None, snapshot_every: float, snapshot_keep: int, curve_secret: Path | None,
+          curve_clients: Path | None, metrics_port: int | None) -> None:
     """Serve memory banks over ZeroMQ until Ctrl-C or SIGTERM."""
     from bank_server.server import BankServer, ServerConfig
     from fgc_bank.errors import BankError
     from fgc_bank.service import Limits
 
+    if (curve_secret is None) != (curve_clients is None):
+        raise click.UsageError("--curve-secret and --curve-clients go together")
     limits = Limits(max_batch=max_batch, max_bank_bytes=int(max_bank_gib * 2**30))
     config = ServerConfig(host=host, port=port, endpoint=endpoint, workers=workers,
                           faiss_threads=faiss_threads, max_queue=max_queue,
-                          max_frame_bytes=int(max_frame_mib * 2**20), limits=limits)
+                          max_frame_bytes=int(max_frame_mib * 2**20), limits=limits,
+                          snapshot_dir=snapshot_dir, snapshot_every=snapshot_every, snapshot_keep=snapshot_keep,
+                          curve_secret=curve_secret, curve_clients=curve_clients)
     try:
         server = BankServer(config)
     except BankError as exc:
         raise click.ClickException(exc.message) from None
     server.install_signal_handlers()
+    if metrics_port is not None:
+        from bank_server.prometheus import serve_metrics
+
+        bound = serve_metrics(server.service.stats, metrics_port, host)
+        click.echo(f"fgc-bank metrics on http://{host}:{bound}/metrics")
     if address_file is not None:
         tmp = address_file.with_suffix(address_file.suffix + ".tmp")
         tmp.write_text(server.address + "\n")
@@ -77,29 +124,44 @@ def serve(host: str, port: int, endpoint: str | None, workers: int, faiss_thread
     server.serve_forever()
 
 
-def _open(address: str, timeout: float) -> Any:
+def _open(address: str, timeout: float, curve_secret: Path | None, curve_server: Path | None) -> Any:
     from fgc_bank.api import connect
     from fgc_bank.errors import BankError
 
+    curve = {"curve_secret": curve_secret, "curve_server": curve_server} if curve_secret or curve_server else {}
     try:
-        return connect(address, timeout=timeout)
-    except BankError as exc:
-        raise click.BadParameter(exc.message, param_hint="ADDRESS") from None
+        return connect(address, timeout=timeout, **curve)
+    except (BankError, TypeError) as exc:
+        raise click.BadParameter(getattr(exc, "message", str(exc)), param_hint="ADDRESS") from None
+
+
+def client_options(command: Any) -> Any:
+    """The options every command that talks to a server takes."""
+    command = click.option("--curve-server", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                           default=None, help="The server's public key file, for a CURVE server.")(command)
+    command = click.option("--curve-secret", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                           default=None, help="This client's secret key file, for a CURVE server.")(command)
+    return click.option("--timeout", type=click.FloatRange(0.01), default=5.0,
+                        help="Seconds to wait for the server.")(command)
+
+
+def _call(address: str, timeout: float, curve_secret: Path | None, curve_server: Path | None, method: str) -> Any:
+    from fgc_bank.errors import BankError
+
+    with _open(address, timeout, curve_secret, curve_server) as bank:
+        try:
+            return getattr(bank, method)()
+        except BankError as exc:
+            raise click.ClickException(exc.message) from None
 
 
 @main.command()
 @click.argument("address")
-@click.option("--timeout", type=click.FloatRange(0.01), default=5.0, help="Seconds to wait for the server.")
+@client_options
 @click.option("--json", "as_json", is_flag=True, help="Print the raw stats as JSON.")
-def info(address: str, timeout: float, as_json: bool) -> None:
+def info(address: str, timeout: float, curve_secret: Path | None, curve_server: Path | None, as_json: bool) -> None:
     """Print the banks and counters of the server at ADDRESS (e.g. tcp://127.0.0.1:5555)."""
-    from fgc_bank.errors import BankError
-
-    with _open(address, timeout) as bank:
-        try:
-            stats = bank.stats()
-        except BankError as exc:
-            raise click.ClickException(exc.message) from None
+    stats = _call(address, timeout, curve_secret, curve_server, "stats")
     if as_json:
         click.echo(json.dumps(stats, indent=2, sort_keys=True))
         return
@@ -115,6 +177,28 @@ def info(address: str, timeout: float, as_json: bool) -> None:
         click.echo(f"  {op:<12} {n:>9} requests{tail}")
     if stats.get("errors"):
         click.echo("  errors: " + ", ".join(f"{c} {n}" for c, n in sorted(stats["errors"].items())))
+
+
+@main.command()
+@click.argument("address")
+@client_options
+def snapshot(address: str, timeout: float, curve_secret: Path | None, curve_server: Path | None) -> None:
+    """Make the server at ADDRESS write a snapshot now (it needs --snapshot-dir)."""
+    result = _call(address, timeout, curve_secret, curve_server, "snapshot")
+    click.echo(f"{result['name']}  {result['path']}  ({len(result['banks'])} banks, {result['seconds']:.2f} s)")
+
+
+@main.command()
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Where to write the key files.")
+@click.option("--name", default="server", help="Key pair name: NAME.key (public) and NAME.key_secret.")
+def keys(directory: Path, name: str) -> None:
+    """Make a CURVE key pair. Give the server its .key_secret and each client's .key (in the
+    --curve-clients directory); give each client its .key_secret and the server's .key."""
+    from bank_server.auth import make_keys
+
+    public, secret = make_keys(directory, name)
+    click.echo(f"public key: {public}\nsecret key: {secret} (keep it private)")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,11 @@ Callers on any thread hand requests to the I/O thread, which sends them (array b
 copied), matches replies to futures by request id, and fails calls that outlive their timeout with
 :class:`BankTimeout`. So a trainer can issue ``knn_update_async`` mid-forward and collect it later,
 and no call can hang: every future resolves, with a result or an error, within ``timeout``.
+
+Restarts: when a request has had no reply for ``retry_interval`` seconds, the client closes its
+socket, opens a new one (the ZeroMQ Guide's "Lazy Pirate") and sends every unanswered request
+again with the same (client id, request id). The server remembers recent mutating requests per
+client id, so a retried update is answered, never applied twice.
 """
 
 from __future__ import annotations
@@ -13,12 +18,15 @@ import concurrent.futures
 import itertools
 import logging
 import os
+import secrets
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import zmq
+import zmq.auth
 
 from fgc_bank.api import DEFAULT_TIMEOUT_S, BankHandle
 from fgc_bank.errors import BankError, BankTimeout, BankUnavailable, ErrorCode
@@ -35,6 +43,7 @@ class _Pending:
     future: concurrent.futures.Future
     decode: Callable[[Reply], Any]
     deadline: float
+    retry_at: float
 
 
 class BankClient(BankHandle):
@@ -44,13 +53,22 @@ class BankClient(BankHandle):
     ----------
     address : ``tcp://host:port`` or ``ipc://path``.
     timeout : seconds a call may wait for its reply before it fails with BankTimeout.
+    retry_interval : seconds without a reply before the client reconnects and resends.
+    curve_secret, curve_server : key files (from ``fgc-bank keys``) for a CURVE server: this
+        client's secret key file and the server's public key file.
     """
 
-    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT_S) -> None:
-        if timeout <= 0:
-            raise BankError(ErrorCode.BAD_ARGUMENT, f"timeout must be positive, got {timeout}")
+    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT_S, retry_interval: float = 5.0,
+                 curve_secret: str | Path | None = None, curve_server: str | Path | None = None) -> None:
+        if timeout <= 0 or retry_interval <= 0:
+            raise BankError(ErrorCode.BAD_ARGUMENT, f"timeout and retry_interval must be positive, "
+                            f"got {timeout} and {retry_interval}")
         self.address = address
         self.timeout = timeout
+        self.retry_interval = retry_interval
+        self.client_id = secrets.randbits(63) + 1
+        self.reconnects = 0
+        self._curve = _load_curve(curve_secret, curve_server)
         self._ids = itertools.count(1)
         self._outbox: collections.deque[_Pending] = collections.deque()
         self._lock = threading.Lock()
@@ -61,12 +79,11 @@ class BankClient(BankHandle):
         self._wake_rx.bind(wake_addr)
         self._wake_tx = ctx.socket(zmq.PAIR)
         self._wake_tx.connect(wake_addr)
-        self._socket = ctx.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
         try:
-            self._socket.connect(address)
+            self._socket = self._new_socket()
         except zmq.ZMQError as exc:
-            self._close_sockets()
+            self._wake_rx.close(linger=0)
+            self._wake_tx.close(linger=0)
             raise BankError(ErrorCode.BAD_ARGUMENT, f"cannot connect to {address!r}: {exc}") from None
         self._thread = threading.Thread(target=self._run, name=f"fgc-bank-client {address}", daemon=True)
         self._thread.start()
@@ -74,6 +91,7 @@ class BankClient(BankHandle):
     def _submit(self, request: Request, decode: Callable[[Reply], T]) -> "concurrent.futures.Future[T]":
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         request.id = next(self._ids)
+        request.client = self.client_id
         try:
             frames = encode_request(request)
         except BankError as exc:
@@ -83,7 +101,9 @@ class BankClient(BankHandle):
             if self._closed:
                 future.set_exception(BankUnavailable(f"client for {self.address} is closed"))
                 return future
-            self._outbox.append(_Pending(request, frames, future, decode, time.monotonic() + self.timeout))
+            now = time.monotonic()
+            self._outbox.append(_Pending(request, frames, future, decode, now + self.timeout,
+                                         now + self.retry_interval))
             self._wake_tx.send(b"", zmq.NOBLOCK)
         return future
 
@@ -96,6 +116,15 @@ class BankClient(BankHandle):
             self._wake_tx.send(b"", zmq.NOBLOCK)
         self._thread.join()
 
+    def _new_socket(self) -> zmq.Socket:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self._curve is not None:
+            public, secret, server_public = self._curve
+            sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = public, secret, server_public
+        sock.connect(self.address)
+        return sock
+
     def _run(self) -> None:
         pending: dict[int, _Pending] = {}
         poller = zmq.Poller()
@@ -103,7 +132,8 @@ class BankClient(BankHandle):
         poller.register(self._socket, zmq.POLLIN)
         try:
             while True:
-                wait = min((p.deadline for p in pending.values()), default=time.monotonic() + 1.0)
+                wait = min((min(p.deadline, p.retry_at) for p in pending.values()),
+                           default=time.monotonic() + 1.0)
                 events = dict(poller.poll(max(0.0, wait - time.monotonic()) * 1000 + 1))
                 if self._wake_rx in events:
                     while self._wake_rx.poll(0):
@@ -114,6 +144,10 @@ class BankClient(BankHandle):
                 if self._socket in events:
                     self._receive(pending)
                 self._expire(pending)
+                if any(p.retry_at <= time.monotonic() for p in pending.values()):
+                    poller.unregister(self._socket)
+                    self._reconnect(pending)
+                    poller.register(self._socket, zmq.POLLIN)
         finally:
             error = BankUnavailable(f"client for {self.address} was closed before the reply came")
             for item in [*pending.values(), *self._outbox]:
@@ -160,6 +194,35 @@ class BankClient(BankHandle):
                 f"no reply to {item.request.op}{bank} from {self.address} within {self.timeout:g} s; "
                 "is `fgc-bank serve` running there, and reachable?"))
 
+    def _reconnect(self, pending: dict[int, _Pending]) -> None:
+        """Lazy Pirate: a fresh socket, and every unanswered request sent again, same ids."""
+        self._socket.close(linger=0)
+        self._socket = self._new_socket()
+        self.reconnects += 1
+        logger.warning("no reply from %s for %g s; reconnecting and resending %d request(s)",
+                       self.address, self.retry_interval, len(pending))
+        now = time.monotonic()
+        for item in pending.values():
+            item.retry_at = now + self.retry_interval
+            self._socket.send_multipart(item.frames, copy=False)
+
     def _close_sockets(self) -> None:
         for sock in (self._socket, self._wake_rx, self._wake_tx):
             sock.close(linger=0)
+
+
+def _load_curve(secret: str | Path | None, server: str | Path | None) -> tuple[bytes, bytes, bytes] | None:
+    """(public, secret, server public) keys from ``fgc-bank keys`` files, or None without CURVE."""
+    if secret is None and server is None:
+        return None
+    if secret is None or server is None:
+        raise BankError(ErrorCode.BAD_ARGUMENT, "CURVE needs both curve_secret (this client's secret "
+                        "key file) and curve_server (the server's public key file)")
+    try:
+        public, secret_key = zmq.auth.load_certificate(secret)
+        server_public, _ = zmq.auth.load_certificate(server)
+    except (OSError, ValueError) as exc:
+        raise BankError(ErrorCode.BAD_ARGUMENT, f"cannot read CURVE key files: {exc}") from None
+    if secret_key is None:
+        raise BankError(ErrorCode.BAD_ARGUMENT, f"{secret} holds no secret key; pass the .key_secret file")
+    return public, secret_key, server_public

@@ -83,6 +83,7 @@ OPS: dict[str, OpSpec] = {
     "gather": OpSpec(needs_bank=True, arrays={"ids": ("int64", 1)}),
     "sample": OpSpec(needs_bank=True, args={"m": int}, optional_args={"seed": int}),
     "snapshot": OpSpec(needs_bank=False),
+    "restore": OpSpec(needs_bank=False, args={"name": str}),
 }
 
 
@@ -95,6 +96,7 @@ class Request:
     args: dict[str, Any] = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     id: int = 0
+    client: int = 0  # a random id per client, stable across reconnects: (client, id) names a request
 
 
 @dataclass
@@ -182,6 +184,8 @@ def encode_request(request: Request) -> list[Any]:
     meta, buffers = _array_buffers(request.arrays)
     header = {"v": PROTOCOL_VERSION, "id": request.id, "op": request.op, "args": request.args,
               "arrays": meta}
+    if request.client:
+        header["client"] = request.client
     if request.bank is not None:
         header["bank"] = request.bank
     return [_pack(header), *buffers]
@@ -213,6 +217,9 @@ def decode_request(frames: Sequence[Any], max_frame_bytes: int = MAX_FRAME_BYTES
     rid = header.get("id")
     if not isinstance(rid, int) or not 0 <= rid < 2**64:
         raise _fail(ErrorCode.BAD_MESSAGE, f"request id must be an unsigned 64-bit int, got {rid!r:.100}")
+    client = header.get("client", 0)
+    if not isinstance(client, int) or not 0 <= client < 2**64:
+        raise _fail(ErrorCode.BAD_MESSAGE, f"client id must be an unsigned 64-bit int, got {client!r:.100}")
     op = header.get("op")
     spec = OPS.get(op) if isinstance(op, str) else None
     if spec is None:
@@ -226,7 +233,8 @@ def decode_request(frames: Sequence[Any], max_frame_bytes: int = MAX_FRAME_BYTES
     _check_args(op, spec, args)
     arrays = _decode_arrays(header.get("arrays", []), frames[1:], max_frame_bytes)
     _check_arrays(op, spec, arrays)
-    return Request(op=op, bank=bank if spec.needs_bank else None, args=args, arrays=arrays, id=rid)
+    return Request(op=op, bank=bank if spec.needs_bank else None, args=args, arrays=arrays, id=rid,
+                   client=client)
 
 
 def _check_args(op: str, spec: OpSpec, args: dict[str, Any]) -> None:

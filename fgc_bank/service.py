@@ -139,6 +139,8 @@ class BankService:
                 raise BankError(ErrorCode.TOO_LARGE, f"sample of {args['m']} rows; at most {self.limits.max_batch}")
             ids, rows = bank.sample(args["m"], args.get("seed", 0))
             return Reply(rid, arrays={"ids": ids, "rows": rows})
+        if op in ("snapshot", "restore"):
+            raise BankError(ErrorCode.BAD_ARGUMENT, f"{op} needs a server started with --snapshot-dir")
         raise BankError(ErrorCode.UNKNOWN_OP, f"op {op!r} is not served here")
 
     def create(self, name: str | None, args: dict[str, Any]) -> dict[str, Any]:
@@ -163,10 +165,10 @@ class BankService:
                     config.dim, config.momentum, config.init)
         return bank.info()
 
-    def add_bank(self, bank: MemoryBank) -> None:
-        """Install a bank built elsewhere (a restored snapshot)."""
+    def replace_banks(self, banks: Sequence[MemoryBank]) -> None:
+        """Install banks built elsewhere (a restored snapshot) in place of all current ones."""
         with self._lock:
-            self.banks[bank.config.name] = bank
+            self.banks = {bank.config.name: bank for bank in banks}
 
     def stats(self) -> dict[str, Any]:
         """Banks and their counters, plus whatever the host (the server) adds."""
