@@ -38,7 +38,7 @@ def as_rows(rows: Any) -> np.ndarray:
 
 
 def _knn_result(reply: Reply) -> KnnResult:
-    return KnnResult(reply.arrays["scores"], reply.arrays["ids"])
+    return KnnResult(reply.arrays["scores"], reply.arrays["ids"], int(reply.result.get("version", 0)))
 
 
 class BankHandle(abc.ABC):
@@ -86,14 +86,15 @@ class BankHandle(abc.ABC):
         """Config and counters of bank ``name``."""
         return self._call(Request("info", name), lambda r: r.result)
 
-    def update_async(self, name: str, ids: Any, rows: Any, *, mode: str = "momentum") -> "concurrent.futures.Future[None]":
-        """Write ``rows`` (B, D) into ``ids`` (B,): FGC's momentum rule, or ``mode="overwrite"``."""
+    def update_async(self, name: str, ids: Any, rows: Any, *, mode: str = "momentum") -> "concurrent.futures.Future[int]":
+        """Write ``rows`` (B, D) into ``ids`` (B,): FGC's momentum rule, or ``mode="overwrite"``.
+        Resolves to the bank's version (update count) after this update."""
         request = Request("update", name, {"mode": mode}, {"ids": as_ids(ids), "rows": as_rows(rows)})
-        return self._submit(request, lambda r: None)
+        return self._submit(request, lambda r: int(r.result.get("version", 0)))
 
-    def update(self, name: str, ids: Any, rows: Any, *, mode: str = "momentum") -> None:
-        """Blocking :meth:`update_async`."""
-        self.update_async(name, ids, rows, mode=mode).result()
+    def update(self, name: str, ids: Any, rows: Any, *, mode: str = "momentum") -> int:
+        """Blocking :meth:`update_async`; returns the bank's version after the update."""
+        return self.update_async(name, ids, rows, mode=mode).result()
 
     def knn_async(self, name: str, queries: Any, k: int, *, exclude: Any = None) -> "concurrent.futures.Future[KnnResult]":
         """Top-k rows by inner product for each query (B, D); ``exclude`` (B,) drops one id each."""

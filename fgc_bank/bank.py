@@ -109,10 +109,25 @@ Op = Union[Search, Update, SearchUpdate]
 
 @dataclass(frozen=True)
 class KnnResult:
-    """Top-k answers: ``scores`` (B, k) float32, descending; ``ids`` (B, k) int64."""
+    """Top-k answers: ``scores`` (B, k) float32, descending; ``ids`` (B, k) int64.
+
+    ``version`` is the bank's update count after the op: for ``knn`` the updates its search saw,
+    for ``knn_update`` including its own. Replaying acknowledged updates in version order
+    reproduces the bank exactly.
+    """
 
     scores: np.ndarray
     ids: np.ndarray
+    version: int = 0
+
+
+@dataclass(frozen=True)
+class OpResult:
+    """What one op of :meth:`MemoryBank.execute` produced: a kNN answer (searches) and the
+    bank's version after the op."""
+
+    knn: KnnResult | None
+    version: int
 
 
 class MemoryBank:
@@ -215,7 +230,7 @@ class MemoryBank:
         ids = np.sort(np.random.default_rng(seed).choice(self.config.rows, size=m, replace=False))
         return ids.astype(np.int64), self.rows_np[ids]
 
-    def execute(self, ops: Sequence[Op]) -> list[KnnResult | None]:
+    def execute(self, ops: Sequence[Op]) -> list[OpResult]:
         """Apply ``ops`` in order, as if one at a time, with all their searches in one FAISS call.
 
         Each op must have passed :meth:`validate`. Searches are run together against the rows as
@@ -227,9 +242,11 @@ class MemoryBank:
         with self.lock:
             searches = [op for op in ops if not isinstance(op, Update)]
             if not searches:
+                results = []
                 for op in ops:
                     self._apply_update(op.ids, op.values, op.mode)
-                return [None] * len(ops)
+                    results.append(OpResult(None, self.counters["updates"]))
+                return results
             changes = sum(op.ids.shape[0] for op in ops[:-1] if not isinstance(op, Search))
             depth = self._depth(searches, changes)
             queries = np.concatenate([self._queries(op) for op in searches]) if len(searches) > 1 \
@@ -250,25 +267,27 @@ class MemoryBank:
             base += 8 + math.ceil(4 * base * changes / self.config.rows)
         return min(base, self.config.rows)
 
-    def _replay(self, ops: Sequence[Op], scores: np.ndarray, ids: np.ndarray) -> list[KnnResult | None]:
-        results: list[KnnResult | None] = []
+    def _replay(self, ops: Sequence[Op], scores: np.ndarray, ids: np.ndarray) -> list[OpResult]:
+        results: list[OpResult] = []
         changed: list[np.ndarray] = []
         offset = 0
         for op in ops:
             if isinstance(op, Update):
                 self._apply_update(op.ids, op.values, op.mode)
                 changed.append(op.ids)
-                results.append(None)
+                results.append(OpResult(None, self.counters["updates"]))
                 continue
             queries = self._queries(op)
             rows = slice(offset, offset + queries.shape[0])
             offset += queries.shape[0]
             exclude = op.ids if isinstance(op, SearchUpdate) else op.exclude
             stale = np.unique(np.concatenate(changed)) if changed else None
-            results.append(self._finish(queries, scores[rows], ids[rows], op.k, exclude, stale))
+            knn = self._finish(queries, scores[rows], ids[rows], op.k, exclude, stale)
             if isinstance(op, SearchUpdate):
                 self._apply_update(op.ids, op.features, "momentum")
                 changed.append(op.ids)
+            version = self.counters["updates"]
+            results.append(OpResult(KnnResult(knn.scores, knn.ids, version), version))
         return results
 
     def _finish(self, queries: np.ndarray, scores: np.ndarray, ids: np.ndarray, k: int,

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from fgc_bank import __version__
-from fgc_bank.bank import BankConfig, KnnResult, MemoryBank, Op, Search, SearchUpdate, Update
+from fgc_bank.bank import BankConfig, MemoryBank, Op, OpResult, Search, SearchUpdate, Update
 from fgc_bank.errors import BankError, ErrorCode
 from fgc_bank.protocol import PROTOCOL_VERSION, Reply, Request
 
@@ -105,12 +105,13 @@ class BankService:
         return op
 
     @staticmethod
-    def _result_reply(rid: int, op: Op, result: KnnResult | BankError | None) -> Reply:
+    def _result_reply(rid: int, op: Op, result: OpResult | BankError) -> Reply:
         if isinstance(result, BankError):
             return Reply(rid, error=result)
-        if isinstance(op, Update):
-            return Reply(rid, result={"rows_updated": int(op.ids.shape[0])})
-        return Reply(rid, arrays={"scores": result.scores, "ids": result.ids})
+        if result.knn is None:
+            return Reply(rid, result={"rows_updated": int(op.ids.shape[0]), "version": result.version})
+        return Reply(rid, result={"version": result.version},
+                     arrays={"scores": result.knn.scores, "ids": result.knn.ids})
 
     def _handle(self, request: Request) -> Reply:
         op, args, rid = request.op, request.args, request.id

@@ -21,7 +21,7 @@ def make_bank(rows: int = 500, dim: int = 16, init: str = "unit", momentum: floa
 def test_knn_matches_brute_force(rows: int, dim: int, batch: int, k: int, rng: np.random.Generator) -> None:
     bank = make_bank(rows, dim)
     queries = rng.standard_normal((batch, dim)).astype(np.float32)
-    result = bank.execute([Search(queries, k)])[0]
+    result = bank.execute([Search(queries, k)])[0].knn
     assert result.scores.shape == (batch, k) and result.ids.dtype == np.int64
     assert_same_knn(result.scores, result.ids, *brute_force_knn(bank.rows_np, queries, k))
 
@@ -30,7 +30,7 @@ def test_knn_excludes_each_querys_own_id(rng: np.random.Generator) -> None:
     bank = make_bank(400, 8)
     ids = rng.choice(400, 32, replace=False)
     queries = bank.rows_np[ids] * 3  # each query's own row is its best match
-    result = bank.execute([Search(queries, 20, ids)])[0]
+    result = bank.execute([Search(queries, 20, ids)])[0].knn
     assert not (result.ids == ids[:, None]).any()
     assert_same_knn(result.scores, result.ids, *brute_force_knn(bank.rows_np, queries, 20, ids))
 
@@ -38,7 +38,7 @@ def test_knn_excludes_each_querys_own_id(rng: np.random.Generator) -> None:
 def test_knn_with_k_equal_to_all_other_rows(rng: np.random.Generator) -> None:
     bank = make_bank(50, 4)
     ids = np.arange(5)
-    result = bank.execute([Search(bank.rows_np[ids].copy(), 49, ids)])[0]
+    result = bank.execute([Search(bank.rows_np[ids].copy(), 49, ids)])[0].knn
     for i in range(5):
         assert sorted(result.ids[i]) == [j for j in range(50) if j != i]
 
@@ -76,7 +76,7 @@ def test_knn_update_searches_before_updating(rng: np.random.Generator) -> None:
     before = bank.rows_np.copy()
     ids = rng.choice(300, 16, replace=False)
     features = rng.standard_normal((16, 8)).astype(np.float32)
-    result = bank.execute([SearchUpdate(ids, features, 10)])[0]
+    result = bank.execute([SearchUpdate(ids, features, 10)])[0].knn
     assert_same_knn(result.scores, result.ids, *brute_force_knn(before, features, 10, ids))
     np.testing.assert_allclose(bank.rows_np, momentum_oracle(before, ids, features, 0.5), rtol=1e-5, atol=1e-6)
 
@@ -116,10 +116,11 @@ def test_coalesced_batch_equals_one_op_at_a_time(rows: int, rng: np.random.Gener
     together = batched.execute(ops)
     one_by_one = [serial.execute([op])[0] for op in ops]
     for got, want in zip(together, one_by_one):
-        if want is None:
-            assert got is None
+        assert got.version == want.version
+        if want.knn is None:
+            assert got.knn is None
         else:
-            assert_same_knn(got.scores, got.ids, want.scores, want.ids)
+            assert_same_knn(got.knn.scores, got.knn.ids, want.knn.scores, want.knn.ids)
     np.testing.assert_array_equal(batched.rows_np, serial.rows_np)
     assert batched.counters["coalesced_calls"] == 1
 
@@ -186,8 +187,8 @@ def test_coalesced_search_researches_when_updates_empty_its_candidates(rng: np.r
     calls = []
     original = batched._search_one
     batched._search_one = lambda *a: calls.append(a) or original(*a)  # type: ignore[method-assign]
-    got = batched.execute(ops)[1]
-    want = [serial.execute([op])[0] for op in ops][1]
+    got = batched.execute(ops)[1].knn
+    want = [serial.execute([op])[0] for op in ops][1].knn
     assert calls, "the stale-candidate fallback did not run"
     assert not np.isin(got.ids, np.arange(40)).any()
     assert_same_knn(got.scores, got.ids, want.scores, want.ids)
