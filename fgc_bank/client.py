@@ -56,10 +56,13 @@ class BankClient(BankHandle):
     retry_interval : seconds without a reply before the client reconnects and resends.
     curve_secret, curve_server : key files (from ``fgc-bank keys``) for a CURVE server: this
         client's secret key file and the server's public key file.
+    max_in_flight : calls issued and not yet answered before new ones fail with BUSY (bounds
+        this process's memory when the server falls behind).
     """
 
     def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT_S, retry_interval: float = 5.0,
-                 curve_secret: str | Path | None = None, curve_server: str | Path | None = None) -> None:
+                 curve_secret: str | Path | None = None, curve_server: str | Path | None = None,
+                 max_in_flight: int = 4096) -> None:
         if timeout <= 0 or retry_interval <= 0:
             raise BankError(ErrorCode.BAD_ARGUMENT, f"timeout and retry_interval must be positive, "
                             f"got {timeout} and {retry_interval}")
@@ -68,6 +71,8 @@ class BankClient(BankHandle):
         self.retry_interval = retry_interval
         self.client_id = secrets.randbits(63) + 1
         self.reconnects = 0
+        self.max_in_flight = max_in_flight
+        self._in_flight = 0
         self._curve = _load_curve(curve_secret, curve_server)
         self._ids = itertools.count(1)
         self._outbox: collections.deque[_Pending] = collections.deque()
@@ -101,11 +106,21 @@ class BankClient(BankHandle):
             if self._closed:
                 future.set_exception(BankUnavailable(f"client for {self.address} is closed"))
                 return future
+            if self._in_flight >= self.max_in_flight:
+                future.set_exception(BankError(ErrorCode.BUSY, f"{self._in_flight} calls to {self.address} "
+                                               "are waiting for replies; collect some before issuing more"))
+                return future
+            self._in_flight += 1
+            future.add_done_callback(self._landed)
             now = time.monotonic()
             self._outbox.append(_Pending(request, frames, future, decode, now + self.timeout,
                                          now + self.retry_interval))
             self._wake_tx.send(b"", zmq.NOBLOCK)
         return future
+
+    def _landed(self, _: concurrent.futures.Future) -> None:
+        with self._lock:
+            self._in_flight -= 1
 
     def close(self) -> None:
         """Stop the I/O thread; calls still waiting fail with BankUnavailable."""
