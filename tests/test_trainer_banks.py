@@ -4,6 +4,7 @@ a numpy oracle), the replicated gate bank's update, and bank set-up errors."""
 from __future__ import annotations
 
 import socket
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -15,6 +16,15 @@ from trainer.data import synthetic
 from trainer.distributed import DistContext
 from trainer.errors import TrainerError
 from trainer.models import build_model
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Small tensors gain nothing from intra-op threads, and the bank server shares the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 SIZE, BATCH, K, STEPS = 96, 16, 5, 6
 SINGLE = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
