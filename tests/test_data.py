@@ -92,7 +92,7 @@ def test_bad_cifar10_directory_is_refused_with_what_to_do(tmp_path: Path, proble
         marker = tmp_path / "pwned"
 
         class Evil:
-            def __reduce__(self):  # noqa: ANN204
+            def __reduce__(self):
                 return (Path.touch, (marker,))
 
         with (root / "data_batch_1").open("wb") as f:
@@ -148,4 +148,4 @@ def test_loaders_refuse_batches_that_do_not_fit() -> None:
 
 def test_shard_sampler_partitions_indices() -> None:
     parts = [list(ShardSampler(10, r, 3)) for r in range(3)]
-    assert sorted(sum(parts, [])) == list(range(10)) and [len(p) for p in parts] == [4, 3, 3]
+    assert sorted(i for part in parts for i in part) == list(range(10)) and [len(p) for p in parts] == [4, 3, 3]

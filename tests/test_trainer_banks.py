@@ -4,7 +4,7 @@ a numpy oracle), the replicated gate bank's update, and bank set-up errors."""
 from __future__ import annotations
 
 import socket
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -16,6 +16,7 @@ from trainer.data import synthetic
 from trainer.distributed import DistContext
 from trainer.errors import TrainerError
 from trainer.models import build_model
+
 
 @pytest.fixture(autouse=True)
 def one_thread() -> Iterator[None]:
@@ -48,7 +49,10 @@ def _train_like_steps(address: str, prefix: str) -> tuple[list, list, dict]:
     for step in range(STEPS):
         ids = order[(step * BATCH) % SIZE:][:BATCH]
         pending = {}
-        hook = lambda b, f: pending.__setitem__(b, banks.issue(b, ids.numpy(), f, search=True))  # noqa: E731
+
+        def hook(block: int, feats: torch.Tensor, ids=ids, pending=pending) -> None:
+            pending[block] = banks.issue(block, ids.numpy(), feats, search=True)
+
         with torch.no_grad():
             out = model(data.images[ids], on_features=hook)
         found.append({b: positives(ids, pending[b].result()) for b in (7, 8)})

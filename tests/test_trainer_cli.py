@@ -6,8 +6,8 @@ import json
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -23,6 +23,7 @@ from trainer.errors import TrainerError
 from trainer.models import build_model
 from trainer.setup import StartFrom, build_trainer, open_banks
 from trainer.train import plan_epoch
+
 
 @pytest.fixture(autouse=True)
 def one_thread() -> Iterator[None]:

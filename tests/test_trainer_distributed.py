@@ -40,7 +40,8 @@ def test_two_rank_torchrun_keeps_gate_banks_identical(tmp_path: Path, server: st
                "--no-progress", "--out-dir", str(tmp_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=300, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "final: top-1" in done.stdout
 

@@ -132,7 +132,7 @@ class FeatureBanks:
 
     @classmethod
     def open(cls, client: BankHandle, prefix: str, dims: dict[int, int], size: int,
-             momentum: float, k: int, seed: int = 0) -> "FeatureBanks":
+             momentum: float, k: int, seed: int = 0) -> FeatureBanks:
         """Create the banks with ``exist_ok`` (safe from every rank) and check they fit.
 
         Raises
@@ -155,7 +155,7 @@ class FeatureBanks:
         return cls(client, names, k)
 
     def issue(self, block: int, ids: np.ndarray, features: Tensor, search: bool
-              ) -> "concurrent.futures.Future[KnnResult] | None":
+              ) -> concurrent.futures.Future[KnnResult] | None:
         """Send block ``block``'s features: kNN + update (``search``) or the update alone.
 
         Parameters

@@ -103,7 +103,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
         """Rebuild from :meth:`to_dict` output; unknown sections or keys are an error."""
         parts = {}
         for f in fields(cls):
@@ -120,7 +120,7 @@ class TrainConfig:
             parts[f.name] = section_type(**values)
         return cls(**parts)
 
-    def replace(self, section: str, **changes: Any) -> "TrainConfig":
+    def replace(self, section: str, **changes: Any) -> TrainConfig:
         """A copy with some fields of one section changed (validated again)."""
         return dataclasses.replace(
             self, **{section: dataclasses.replace(getattr(self, section), **changes)})

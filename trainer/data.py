@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import logging
 import pickle
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,7 +108,10 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> DatasetSplits:
     x_train, x_test, y_train, y_test = train_test_split(
         images, digits.target, test_size=test_fraction, random_state=seed, stratify=digits.target)
     mean, std = float(x_train.mean()), float(x_train.std())
-    norm = lambda x: torch.from_numpy((x - mean) / std)  # noqa: E731
+
+    def norm(x: np.ndarray) -> Tensor:
+        return torch.from_numpy((x - mean) / std)
+
     return DatasetSplits(TensorImages(norm(x_train), torch.from_numpy(y_train).long()),
                          TensorImages(norm(x_test), torch.from_numpy(y_test).long()),
                          num_classes=10, input_shape=(1, 8, 8))
@@ -170,7 +174,10 @@ def load_cifar10(root: str | Path | None) -> DatasetSplits:
     test_x, test_y = _read_cifar_batch(root / CIFAR_TEST_FILE)
     mean = torch.tensor(CIFAR_MEAN)[:, None, None]
     std = torch.tensor(CIFAR_STD)[:, None, None]
-    norm = lambda x: (torch.from_numpy(x).float() / 255.0 - mean) / std  # noqa: E731
+
+    def norm(x: np.ndarray) -> Tensor:
+        return (torch.from_numpy(x).float() / 255.0 - mean) / std
+
     train_x = np.concatenate([x for x, _ in parts])
     train_y = np.concatenate([y for _, y in parts])
     return DatasetSplits(TensorImages(norm(train_x), torch.from_numpy(train_y), crop_flip(4)),

@@ -79,7 +79,7 @@ def torchrun(nproc: int, args: list[str]) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", "-m", "trainer", *args]
     click.echo("$ " + " ".join(command[1:]), err=True)
-    done = subprocess.run(command, env=child_env(), cwd=REPO)
+    done = subprocess.run(command, env=child_env(), cwd=REPO, check=False)
     if done.returncode != 0:
         raise click.ClickException(f"training failed with exit status {done.returncode}")
 

@@ -9,8 +9,8 @@ gate MLPs are extra work that the dense network does not have, and are counted i
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn

@@ -13,9 +13,9 @@ request to the bank and let the rest of the forward overlap it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

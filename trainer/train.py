@@ -20,9 +20,10 @@ import concurrent.futures
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +93,7 @@ class Meter:
     sums: Tensor  # LOSS_PARTS weighted by batch size, then correct, open gates, gates, examples
 
     @classmethod
-    def zeros(cls, device: torch.device) -> "Meter":
+    def zeros(cls, device: torch.device) -> Meter:
         return cls(torch.zeros(len(LOSS_PARTS) + 4, dtype=torch.float64, device=device))
 
     @torch.no_grad()
