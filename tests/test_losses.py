@@ -89,6 +89,12 @@ def test_batch_shaping_gradcheck_float64() -> None:
     assert torch.autograd.gradcheck(batch_shaping_loss, (x,), eps=1e-7, atol=1e-8)
 
 
+def test_batch_shaping_over_concatenated_blocks_is_the_sum_over_blocks() -> None:
+    blocks = [torch.rand(10, c, dtype=torch.float64) for c in (3, 5, 8)]
+    joined = batch_shaping_loss(torch.cat(blocks, dim=1))
+    assert joined.item() == pytest.approx(sum(batch_shaping_loss(b).item() for b in blocks))
+
+
 def test_batch_shaping_rejects_wrong_shape() -> None:
     with pytest.raises(ValueError, match=r"\(B, C\)"):
         batch_shaping_loss(torch.rand(4, 3, 1, 1))

@@ -110,7 +110,10 @@ def open_banks(cfg: TrainConfig, ctx: DistContext, model: GatedResNet, size: int
     if start is not None and start.resume and start.checkpoint.gate_bank is not None:
         gates.load_state_dict(start.checkpoint.gate_bank)
         saved = start.checkpoint.feature_banks
-        if saved is not None and ctx.is_main:  # one rank restores the shared banks
+        if saved is None:
+            logger.info("the checkpoint holds no feature-bank rows: continuing with the banks "
+                        "as %s holds them", cfg.fgc.bank)
+        elif ctx.is_main:  # one rank restores the shared banks
             features.restore_rows({int(b): rows.numpy() for b, rows in saved.items()})
         barrier(ctx)  # nobody searches a bank that is still being restored
     return Banks(features, gates)
