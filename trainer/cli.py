@@ -27,6 +27,7 @@ from trainer.checkpoint import load_checkpoint
 from trainer.config import DATASETS, PHASES, TrainConfig
 from trainer.errors import TrainerError
 from trainer.models import ARCHS
+from trainer.setup import StartFrom
 
 logger = logging.getLogger(__name__)
 
@@ -191,10 +192,8 @@ def config_from_options(options: dict[str, Any]) -> TrainConfig:
 
 
 def resolve_config(options: dict[str, Any], explicit: set[str], resume: str | None,
-                   init_from: str | None) -> tuple[TrainConfig, Any]:
+                   init_from: str | None) -> tuple[TrainConfig, StartFrom | None]:
     """Merge the command line with a checkpoint's config (see the module docstring)."""
-    from trainer.setup import StartFrom
-
     if resume and init_from:
         raise TrainerError("--resume continues a run, --init-from starts a new one from its "
                            "weights: give one of them")
@@ -218,7 +217,7 @@ def resolve_config(options: dict[str, Any], explicit: set[str], resume: str | No
     return base, StartFrom(checkpoint, resume=bool(resume))
 
 
-def run(cfg: TrainConfig, start: Any) -> None:
+def run(cfg: TrainConfig, start: StartFrom | None) -> None:
     """Join the process group, build the trainer, train, print the evaluation (rank 0)."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
