@@ -15,13 +15,13 @@ import torch
 from click.testing import CliRunner, Result
 
 from fgc_bank import connect
+from trainer.builder import StartFrom, build_trainer, open_banks
 from trainer.checkpoint import load_checkpoint
 from trainer.cli import train
 from trainer.config import TrainConfig
 from trainer.distributed import DistContext
 from trainer.errors import TrainerError
 from trainer.models import build_model
-from trainer.setup import StartFrom, build_trainer, open_banks
 from trainer.train import plan_epoch
 
 

@@ -23,11 +23,11 @@ import click
 from click.core import ParameterSource
 
 from fgc_bank.errors import BankError
+from trainer.builder import StartFrom
 from trainer.checkpoint import load_checkpoint
 from trainer.config import DATASETS, PHASES, TrainConfig
 from trainer.errors import TrainerError
 from trainer.models import ARCHS
-from trainer.setup import StartFrom
 
 logger = logging.getLogger(__name__)
 
@@ -221,8 +221,8 @@ def run(cfg: TrainConfig, start: StartFrom | None) -> None:
     """Join the process group, build the trainer, train, print the evaluation (rank 0)."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from trainer.builder import build_trainer
     from trainer.distributed import init_distributed, shutdown
-    from trainer.setup import build_trainer
 
     ctx = init_distributed(cfg.run.device)
     try:

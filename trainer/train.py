@@ -132,7 +132,7 @@ class MetricsLog:
 
 
 class Trainer:
-    """Runs epochs, evaluates, logs and checkpoints. Built by :func:`trainer.setup.build_trainer`."""
+    """Runs epochs, evaluates, logs and checkpoints. Built by :func:`trainer.builder.build_trainer`."""
 
     def __init__(self, cfg: TrainConfig, ctx: DistContext, model: GatedResNet, net: nn.Module,
                  optimizer: torch.optim.Optimizer, loaders: tuple[DataLoader, DataLoader],
