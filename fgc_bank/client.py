@@ -17,10 +17,10 @@ import collections
 import concurrent.futures
 import itertools
 import logging
-import os
 import secrets
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -79,7 +79,7 @@ class BankClient(BankHandle):
         self._lock = threading.Lock()
         self._closed = False
         ctx = zmq.Context.instance()
-        wake_addr = f"inproc://fgc-bank-client-{id(self)}-{os.getpid()}"
+        wake_addr = f"inproc://fgc-bank-client-{uuid.uuid4().hex}"
         self._wake_rx = ctx.socket(zmq.PAIR)
         self._wake_rx.bind(wake_addr)
         self._wake_tx = ctx.socket(zmq.PAIR)

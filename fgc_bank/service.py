@@ -122,6 +122,8 @@ class BankService:
             return Reply(rid, result=self.stats())
         if op == "create":
             return Reply(rid, result=self.create(request.bank, args))
+        if op in ("snapshot", "restore"):  # a server with --snapshot-dir handles these itself
+            raise BankError(ErrorCode.BAD_ARGUMENT, f"{op} needs a server started with --snapshot-dir")
         if op == "drop":
             with self._lock:
                 self.bank(request.bank)
@@ -140,8 +142,6 @@ class BankService:
                 raise BankError(ErrorCode.TOO_LARGE, f"sample of {args['m']} rows; at most {self.limits.max_batch}")
             ids, rows = bank.sample(args["m"], args.get("seed", 0))
             return Reply(rid, arrays={"ids": ids, "rows": rows})
-        if op in ("snapshot", "restore"):
-            raise BankError(ErrorCode.BAD_ARGUMENT, f"{op} needs a server started with --snapshot-dir")
         raise BankError(ErrorCode.UNKNOWN_OP, f"op {op!r} is not served here")
 
     def create(self, name: str | None, args: dict[str, Any]) -> dict[str, Any]:

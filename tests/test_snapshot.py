@@ -193,3 +193,37 @@ def test_a_retried_update_is_applied_once(server: str) -> None:
         assert np.array_equal(bank.gather("dedup", np.arange(50)), mirror.gather("dedup", np.arange(50)))
         assert bank.info("dedup")["updates"] == 1
         assert bank.stats()["retries_answered"] >= 2
+
+
+def test_trainer_checkpoint_pairs_with_a_bank_snapshot_and_resume_restores_it(tmp_path: Path) -> None:
+    import torch
+    from click.testing import CliRunner
+
+    from trainer.builder import StartFrom, build_trainer
+    from trainer.checkpoint import load_checkpoint
+    from trainer.cli import train
+    from trainer.config import TrainConfig
+    from trainer.distributed import DistContext
+
+    snap_dir = tmp_path / "snaps"
+    proc, address = start_server(tmp_path, "--snapshot-dir", str(snap_dir))
+    try:
+        out = tmp_path / "run"
+        args = ["--dataset", "synthetic", "--synthetic-size", "64", "--batch-size", "16", "--max-steps", "2",
+                "--no-progress", "--log-level", "WARNING", "--phase", "fgc", "--nn-num", "4", "--nn-epoch", "1",
+                "--contrast-blocks", "7,8", "--epochs", "2", "--bank", address, "--out-dir", str(out)]
+        result = CliRunner().invoke(train, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        saved = load_checkpoint(out / "checkpoint.pt")
+        assert saved.bank_snapshot is not None and saved.feature_banks is None  # paired, not copied
+        paired_rows = {b.config.name: b.rows_np for b in snapshots.read(snap_dir / saved.bank_snapshot)[0]}
+        with connect(address) as bank:  # the banks move on after the checkpoint (a later epoch, a crash)
+            bank.update("feat/7", np.arange(64), np.ones((64, 64), np.float32), mode="overwrite")
+            bank.snapshot()
+        trainer = build_trainer(TrainConfig.from_dict(saved.config), DistContext(0, 1, 0, torch.device("cpu")),
+                                StartFrom(saved, resume=True))
+        client = trainer.banks.features.client
+        for name in ("feat/7", "feat/8"):
+            assert np.array_equal(client.gather(name, np.arange(64)), paired_rows[name])
+    finally:
+        stop_server(proc)

@@ -170,6 +170,25 @@ class FeatureBanks:
         self.client.update(self.names[block], ids, rows, mode="momentum")
         return None
 
+    def snapshot(self) -> str | None:
+        """Ask the bank server for a snapshot to pair with a checkpoint; None if it keeps none
+        (an in-process bank, or a server without --snapshot-dir)."""
+        try:
+            return str(self.client.snapshot()["name"])
+        except BankError as exc:
+            if exc.code is ErrorCode.BAD_ARGUMENT:
+                return None
+            raise TrainerError(f"the bank server at {self.client.address} failed to snapshot: {exc}") from exc
+
+    def restore_snapshot(self, name: str) -> None:
+        """Put the server's banks back to snapshot ``name`` (the one paired with a checkpoint)."""
+        try:
+            self.client.restore(name)
+        except BankError as exc:
+            raise TrainerError(f"this checkpoint pairs with bank snapshot {name}, which the server at "
+                               f"{self.client.address} cannot restore ({exc.message}); start "
+                               "`fgc-bank serve` with the --snapshot-dir the run used") from exc
+
     def export_rows(self) -> dict[int, np.ndarray]:
         """Every bank's rows (N x C float32), gathered in chunks, for a checkpoint."""
         out = {}

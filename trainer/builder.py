@@ -109,12 +109,15 @@ def open_banks(cfg: TrainConfig, ctx: DistContext, model: GatedResNet, size: int
     gates = GateBank(dims, size, cfg.fgc.bank_momentum, cfg.run.seed, ctx.device)
     if start is not None and start.resume and start.checkpoint.gate_bank is not None:
         gates.load_state_dict(start.checkpoint.gate_bank)
-        saved = start.checkpoint.feature_banks
-        if saved is None:
+        saved, paired = start.checkpoint.feature_banks, start.checkpoint.bank_snapshot
+        if ctx.is_main and paired is not None:  # one rank restores the shared banks
+            features.restore_snapshot(paired)
+            logger.info("restored bank snapshot %s, taken with the checkpoint", paired)
+        elif ctx.is_main and saved is not None:
+            features.restore_rows({int(b): rows.numpy() for b, rows in saved.items()})
+        elif saved is None:
             logger.info("the checkpoint holds no feature-bank rows: continuing with the banks "
                         "as %s holds them", cfg.fgc.bank)
-        elif ctx.is_main:  # one rank restores the shared banks
-            features.restore_rows({int(b): rows.numpy() for b, rows in saved.items()})
         barrier(ctx)  # nobody searches a bank that is still being restored
     return Banks(features, gates)
 

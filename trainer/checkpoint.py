@@ -33,6 +33,7 @@ class Checkpoint:
     gate_bank: dict[str, torch.Tensor] | None = None  # block -> (N, C) rows
     feature_banks: dict[str, torch.Tensor] | None = None  # block -> (N, C) rows, if saved
     best_top1: float = 0.0
+    bank_snapshot: str | None = None  # the bank server's snapshot taken with this checkpoint
 
 
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:

@@ -263,18 +263,22 @@ class Trainer:
     def save(self, epochs_done: int) -> None:
         """Rank 0 writes ``checkpoint.pt``; other ranks wait so no bank moves meanwhile."""
         if self.ctx.is_main:
-            save_checkpoint(self.out_dir / "checkpoint.pt", self.snapshot(epochs_done))
+            save_checkpoint(self.out_dir / "checkpoint.pt", self.checkpoint(epochs_done))
         barrier(self.ctx)
 
-    def snapshot(self, epochs_done: int) -> Checkpoint:
-        gate_bank = feature_banks = None
+    def checkpoint(self, epochs_done: int) -> Checkpoint:
+        """The run's state; the feature banks as a paired server snapshot when the server keeps
+        snapshots, else (with save_feature_banks) as rows copied into the checkpoint."""
+        gate_bank = feature_banks = bank_snapshot = None
         if self.banks is not None:
             gate_bank = self.banks.gates.state_dict()
-            if self.cfg.run.save_feature_banks:
+            bank_snapshot = self.banks.features.snapshot()
+            if bank_snapshot is None and self.cfg.run.save_feature_banks:
                 feature_banks = {str(b): torch.from_numpy(rows)
                                  for b, rows in self.banks.features.export_rows().items()}
         return Checkpoint(self.cfg.to_dict(), epochs_done, self.fgc_start, self.model.state_dict(),
-                          self.optimizer.state_dict(), gate_bank, feature_banks, self.best_top1)
+                          self.optimizer.state_dict(), gate_bank, feature_banks, self.best_top1,
+                          bank_snapshot)
 
     def finish(self, result: EvalResult) -> None:
         """Final record; optional per-rank gate-bank dumps (consistency checks)."""
