@@ -1,0 +1,156 @@
+"""search_inner_product against a numpy brute-force oracle, across shapes and code paths."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import numpy as np
+import pytest
+
+from fgc_bank import search
+from fgc_bank.search import search_inner_product
+
+
+def make_bank(n: int, d: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    rows = rng.standard_normal((n, d), dtype=np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def make_queries(rows: np.ndarray, b: int, seed: int = 1) -> np.ndarray:
+    """Queries near bank rows (like FGC features near their own entries), plus noise."""
+    rng = np.random.default_rng(seed)
+    picks = rows[rng.integers(0, rows.shape[0], b)]
+    return (picks + 0.3 * rng.standard_normal(picks.shape, dtype=np.float32)).astype(np.float32)
+
+
+def assert_exact(rows: np.ndarray, queries: np.ndarray, k: int, scores: np.ndarray, ids: np.ndarray) -> None:
+    """Same answer as brute force, up to the order (and choice) among equal scores."""
+    b = queries.shape[0]
+    assert scores.shape == (b, k) and ids.shape == (b, k)
+    assert scores.dtype == np.float32 and ids.dtype == np.int64
+    exact = queries.astype(np.float64) @ rows.astype(np.float64).T  # (B, N) oracle
+    best = -np.sort(-exact, axis=1)[:, :k]
+    tol = 1e-5
+    assert np.all(np.diff(scores, axis=1) <= tol), "scores must be descending"
+    assert np.all((ids >= 0) & (ids < rows.shape[0]))
+    for i in range(b):
+        assert np.unique(ids[i]).size == k, f"query {i}: repeated ids"
+    np.testing.assert_allclose(np.take_along_axis(exact, ids, 1), scores, atol=tol)  # ids match scores
+    np.testing.assert_allclose(scores, best, atol=tol)  # and they are the k best
+
+
+@pytest.mark.parametrize(
+    "n, d, b, k",
+    [
+        (1, 4, 1, 1),  # smallest bank
+        (100, 8, 1, 1),  # one query, k = 1
+        (100, 8, 3, 100),  # k = N
+        (1000, 16, 20, 1000),  # k = N, several queries
+        (5000, 32, 7, 200),  # few queries: the faiss.knn path
+        (20000, 64, 64, 1),  # blocked path, k = 1
+        (20000, 64, 64, 200),  # blocked path, large k
+        (20000, 64, 256, 1250),  # largest k the blocked path takes (N / 16)
+        (20011, 24, 37, 20),  # sizes that are multiples of nothing
+        (8192, 128, 9, 5),  # just enough rows for two search threads
+        (30000, 512, 16, 200),  # wide rows
+        (12345, 1, 33, 7),  # D = 1: very many ties
+    ],
+)
+def test_matches_brute_force(n: int, d: int, b: int, k: int) -> None:
+    rows = make_bank(n, d)
+    queries = make_queries(rows, b)
+    scores, ids = search_inner_product(rows, queries, k)
+    assert_exact(rows, queries, k, scores, ids)
+
+
+def test_duplicate_rows_force_the_exact_fallback() -> None:
+    """Many equal rows put the threshold on the k-th score itself; the check must catch it."""
+    rows = make_bank(20000, 32)
+    rows[::3] = rows[0]  # a third of the bank is one row
+    queries = make_queries(rows, 40)
+    queries[:10] = rows[0]
+    scores, ids = search_inner_product(rows, queries, 100)
+    assert_exact(rows, queries, 100, scores, ids)
+
+
+def test_threshold_too_high_is_searched_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plan whose threshold sits above the k-th score still returns the exact answer."""
+    rows = make_bank(20000, 16)
+    queries = make_queries(rows, 32)
+    plan = search._plan(rows.shape[0], rows.shape[1], queries.shape[0], 50)
+    monkeypatch.setattr(search, "_plan", lambda *a: search._Plan(plan.bounds, plan.chunk, 8, 1))
+    scores, ids = search_inner_product(rows, queries, 50)
+    assert_exact(rows, queries, 50, scores, ids)
+
+
+def test_read_only_inputs_are_searched_without_copying_rows() -> None:
+    rows = make_bank(20000, 32)
+    queries = make_queries(rows, 64)
+    frozen_rows = np.frombuffer(rows.tobytes(), dtype=np.float32).reshape(rows.shape)
+    frozen_queries = np.frombuffer(queries.tobytes(), dtype=np.float32).reshape(queries.shape)
+    scores, ids = search_inner_product(frozen_rows, frozen_queries, 30)
+    assert_exact(rows, queries, 30, scores, ids)
+
+
+def test_large_batches_are_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(search, "MAX_BATCH", 40)
+    rows = make_bank(20000, 16)
+    queries = make_queries(rows, 100)
+    scores, ids = search_inner_product(rows, queries, 10)
+    assert_exact(rows, queries, 10, scores, ids)
+
+
+def test_concurrent_callers_get_their_own_answers() -> None:
+    rows = make_bank(20000, 32)
+    batches = [make_queries(rows, 48, seed=s) for s in range(6)]
+    expected = [search_inner_product(rows, q, 64) for q in batches]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda q: search_inner_product(rows, q, 64), batches))
+    for (s0, i0), (s1, i1) in zip(expected, got):
+        np.testing.assert_array_equal(s0, s1)
+        np.testing.assert_array_equal(i0, i1)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_thread_count_does_not_change_the_answer(threads: int) -> None:
+    rows = make_bank(30000, 32)
+    queries = make_queries(rows, 64)
+    try:
+        search.set_threads(threads)
+        assert search.search_threads() == threads
+        scores, ids = search_inner_product(rows, queries, 40)
+    finally:
+        search.set_threads(0)
+    assert_exact(rows, queries, 40, scores, ids)
+
+
+def test_rejects_mismatched_shapes_and_k() -> None:
+    rows = make_bank(100, 8)
+    with pytest.raises(ValueError, match="share D"):
+        search_inner_product(rows, np.zeros((2, 7), np.float32), 1)
+    with pytest.raises(ValueError, match="k must be"):
+        search_inner_product(rows, np.zeros((2, 8), np.float32), 101)
+    with pytest.raises(ValueError, match="k must be"):
+        search_inner_product(rows, np.zeros((2, 8), np.float32), 0)
+
+
+def test_poisson_rank_bounds_the_miss_rate() -> None:
+    assert search._poisson_rank(0.0, 1e-4) == 1
+    for mean in (0.1, 1.0, 6.25, 25.0):
+        r = search._poisson_rank(mean, 1e-4)
+        rng = np.random.default_rng(0)
+        assert (rng.poisson(mean, 200_000) >= r).mean() <= 3e-4
+        assert (rng.poisson(mean, 200_000) >= r - 1).mean() > 1e-4
+
+
+def test_keys_round_trip_and_sort_like_scores() -> None:
+    scores = np.array([-np.inf, -3.5, -0.0, 0.0, 1e-30, 2.0, np.inf], dtype=np.float32)
+    ids = np.arange(scores.size, dtype=np.int64) * 1000 + 7
+    keys = search._pack(scores, ids)
+    assert np.all(keys[:-1] < keys[1:])
+    back_scores, back_ids = search._decode(keys)
+    np.testing.assert_array_equal(back_scores, scores)
+    np.testing.assert_array_equal(back_ids, ids)
+    empty_scores, empty_ids = search._decode(np.zeros(2, np.uint64))
+    assert np.all(np.isneginf(empty_scores)) and np.all(empty_ids == -1)
