@@ -49,7 +49,8 @@ import faiss
 import numpy as np
 import torch
 
-SCORES_PER_CHUNK = 1 << 20  # one search thread's (c, B) score buffer: 4 MB, cache-resident
+SCORES_PER_CHUNK = 1 << 20  # threshold strategy: one thread's (c, B) score buffer, 4 MB
+HEAP_SCORES_PER_CHUNK = 1 << 19  # heap strategy: one thread's (B, c) score buffer, 2 MB
 MIN_ROWS_PER_THREAD = 4096  # below this a thread's share is not worth the hand-off
 MIN_BATCH = 8  # fewer queries: faiss.knn's own paths are as good
 MAX_BATCH = 4096  # more queries: searched in blocks of this many
@@ -58,6 +59,9 @@ MISS_RATE = 1e-4  # per query: chance that the threshold is too high and the que
 CANDIDATE_NS = 40.0  # one score that survives the threshold, carried to the final sort
 SAMPLE_ROW_NS = 1.0  # one sampled score through the threshold heap, on top of its GEMM flops
 FLOP_NS = 0.011  # one flop of a single-threaded sgemm
+THRESHOLD_SCAN_NS = 0.45  # one score through compare + flatnonzero
+HEAP_SCAN_NS = 0.3  # one score through a FAISS heap's compare
+HEAP_INSERT_NS, HEAP_LEVEL_NS = 10.0, 6.0  # one heap insertion: fixed + per level of the heap
 
 _pool_lock = threading.Lock()
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -129,18 +133,30 @@ def _torch_can_share(rows: np.ndarray) -> bool:
 
 @dataclass(frozen=True)
 class _Plan:
-    """How one search is cut up: row ranges per thread, chunk rows, sample stride and rank."""
+    """How one search is cut up: row ranges per thread, chunk rows, and the selection strategy."""
 
     bounds: tuple[tuple[int, int], ...]
     chunk: int
-    stride: int  # the threshold sample is every stride-th row
-    rank: int  # the threshold is the rank-th best sample score (0: no threshold)
+    stride: int  # threshold strategy: the sample is every stride-th row
+    rank: int  # threshold strategy: the threshold is the rank-th best sample score; 0: heaps
 
 
 def _plan(n: int, d: int, b: int, k: int) -> _Plan:
     threads = max(1, min(search_threads(), n // MIN_ROWS_PER_THREAD))
     cuts = [n * t // threads for t in range(threads + 1)]
     bounds = tuple(zip(cuts[:-1], cuts[1:]))
+    share = cuts[1]
+    # ns per query and thread, beyond the GEMM, of each way to select (rough, see the constants)
+    inserts = k * (1.0 + math.log(max(share / k, 1.0)))  # expected heap insertions
+    heap_ns = share * HEAP_SCAN_NS + inserts * (HEAP_INSERT_NS + HEAP_LEVEL_NS * math.log2(k + 1))
+    sample_ns, stride, rank = _threshold_sample(n, d, k)
+    if heap_ns <= share * THRESHOLD_SCAN_NS + sample_ns / threads:
+        return _Plan(bounds, max(64, min(share, HEAP_SCORES_PER_CHUNK // b)), 0, 0)
+    return _Plan(bounds, max(64, min(share, SCORES_PER_CHUNK // b)), stride, rank)
+
+
+def _threshold_sample(n: int, d: int, k: int) -> tuple[float, int, int]:
+    """(ns per query, stride, rank) of the cheapest threshold sample for top-k of n rows."""
     best: tuple[float, int, int] = (math.inf, n, 0)
     for stride in (8, 16, 32, 64, 128, 256, 512, 1024):
         sample = n // stride
@@ -151,8 +167,7 @@ def _plan(n: int, d: int, b: int, k: int) -> _Plan:
         cost = sample * (2 * d * FLOP_NS + SAMPLE_ROW_NS) + CANDIDATE_NS * rank * stride
         if cost < best[0]:
             best = (cost, stride, rank)
-    chunk = max(64, min(cuts[1], SCORES_PER_CHUNK // b))
-    return _Plan(bounds, chunk, best[1], best[2])
+    return best
 
 
 def _poisson_rank(mean: float, miss: float) -> int:
@@ -207,14 +222,14 @@ def _run(tasks: list[tuple]) -> list:
 def _search_blocked(rows: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     plan = _plan(rows.shape[0], rows.shape[1], queries.shape[0], k)
     rows_t, queries_t = torch.from_numpy(rows), torch.from_numpy(queries)
+    if not plan.rank:
+        parts = _run([(_heap_range, rows_t, queries_t, k, lo, hi, plan.chunk) for lo, hi in plan.bounds])
+        return _merge(parts, k)
     b = queries.shape[0]
-    if plan.rank:
-        samples = _run([(_sample_best, rows_t[lo:hi], queries_t, plan) for lo, hi in plan.bounds])
-        pooled = np.concatenate(samples, axis=1)  # (B, threads * rank)
-        column = pooled.shape[1] - plan.rank  # the rank-th best of all threads' samples
-        threshold = np.ascontiguousarray(np.partition(pooled, column, axis=1)[:, column])
-    else:
-        threshold = np.full(b, -np.inf, dtype=np.float32)
+    samples = _run([(_sample_best, rows_t[lo:hi], queries_t, plan) for lo, hi in plan.bounds])
+    pooled = np.concatenate(samples, axis=1)  # (B, threads * rank)
+    column = pooled.shape[1] - plan.rank  # the rank-th best of all threads' samples
+    threshold = np.ascontiguousarray(np.partition(pooled, column, axis=1)[:, column])
     found = _run([(_scan, rows_t, queries_t, threshold, lo, hi, plan) for lo, hi in plan.bounds])
     scores = np.empty((b, k), dtype=np.float32)
     ids = np.empty((b, k), dtype=np.int64)
@@ -231,7 +246,13 @@ def _knn_ranges(rows: np.ndarray, queries: np.ndarray, k: int,
     """Plain ``faiss.knn`` per row range on the search threads, merged (a rare fallback)."""
     if any(hi - lo < k for lo, hi in bounds):
         bounds = ((0, rows.shape[0]),)
-    parts = _run([(_knn_range, rows, queries, k, lo, hi) for lo, hi in bounds])
+    return _merge(_run([(_knn_range, rows, queries, k, lo, hi) for lo, hi in bounds]), k)
+
+
+def _merge(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each thread's (scores, ids), (B, k) -> the k best of all, best first."""
+    if len(parts) == 1:
+        return parts[0]
     keys = np.concatenate([_pack(s, i) for s, i in parts], axis=1)
     keys.sort(axis=1)
     return _decode(keys[:, :-k - 1:-1])
@@ -254,16 +275,38 @@ def _scratch(name: str, size: int, dtype: torch.dtype) -> torch.Tensor:
     return buf
 
 
+def _heap_range(rows: torch.Tensor, queries: torch.Tensor, k: int, lo: int, hi: int,
+                chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of rows[lo:hi] through one FAISS min-heap per query: (scores, ids), (B, k), best first."""
+    b = queries.shape[0]
+    vals = np.empty((b, k), dtype=np.float32)
+    ids = np.empty((b, k), dtype=np.int64)
+    heaps = _heaps(vals, ids)
+    scores = _scratch("scores", chunk * b, torch.float32)
+    for j0 in range(lo, hi, chunk):
+        n = min(chunk, hi - j0)
+        torch.mm(queries, rows[j0:j0 + n].T, out=scores[:n * b].view(b, n))  # (B, n), as heaps read
+        heaps.addn(n, faiss.swig_ptr(scores.numpy()), j0, 0, b)
+    heaps.reorder()
+    return vals, ids
+
+
+def _heaps(vals: np.ndarray, ids: np.ndarray) -> faiss.float_minheap_array_t:
+    """FAISS min-heaps over ``vals``/``ids`` (B, k), emptied: each keeps its query's k best."""
+    heaps = faiss.float_minheap_array_t()
+    heaps.nh, heaps.k = vals.shape
+    heaps.val, heaps.ids = faiss.swig_ptr(vals), faiss.swig_ptr(ids)
+    heaps.heapify()
+    return heaps
+
+
 def _sample_best(rows: torch.Tensor, queries: torch.Tensor, plan: _Plan) -> np.ndarray:
     """Each query's ``plan.rank`` best scores over every ``plan.stride``-th row of ``rows``, (B, rank)."""
     b, rank = queries.shape[0], plan.rank
     sample = rows[::plan.stride]
     vals = np.empty((b, rank), dtype=np.float32)
     ids = np.empty((b, rank), dtype=np.int64)
-    heaps = faiss.float_minheap_array_t()  # a min-heap per query keeps its rank best scores
-    heaps.k, heaps.nh = rank, b
-    heaps.val, heaps.ids = faiss.swig_ptr(vals), faiss.swig_ptr(ids)
-    heaps.heapify()
+    heaps = _heaps(vals, ids)
     scores = _scratch("sample", plan.chunk * b, torch.float32)
     for j0 in range(0, sample.shape[0], plan.chunk):
         n = min(plan.chunk, sample.shape[0] - j0)

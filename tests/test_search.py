@@ -64,6 +64,26 @@ def test_matches_brute_force(n: int, d: int, b: int, k: int) -> None:
     assert_exact(rows, queries, k, scores, ids)
 
 
+@pytest.mark.parametrize("strategy", ["heap", "threshold"])
+@pytest.mark.parametrize("n, d, b, k", [(20000, 64, 64, 1), (20000, 64, 100, 200), (25013, 128, 9, 20)])
+def test_both_selection_strategies_match_brute_force(monkeypatch: pytest.MonkeyPatch, strategy: str,
+                                                     n: int, d: int, b: int, k: int) -> None:
+    planner = search._plan
+
+    def forced(*args: int) -> search._Plan:
+        plan = planner(*args)
+        if strategy == "heap":
+            return search._Plan(plan.bounds, plan.chunk, 0, 0)
+        stride = 8
+        return search._Plan(plan.bounds, plan.chunk, stride, search._poisson_rank(k / stride, search.MISS_RATE))
+
+    monkeypatch.setattr(search, "_plan", forced)
+    rows = make_bank(n, d)
+    queries = make_queries(rows, b)
+    scores, ids = search_inner_product(rows, queries, k)
+    assert_exact(rows, queries, k, scores, ids)
+
+
 def test_duplicate_rows_force_the_exact_fallback() -> None:
     """Many equal rows put the threshold on the k-th score itself; the check must catch it."""
     rows = make_bank(20000, 32)
