@@ -1,0 +1,176 @@
+"""The bank over loopback: an ``fgc-bank serve`` subprocess and client processes that load it.
+
+Each client is its own process (its own GIL, socket and I/O thread), like a training rank. The
+parent drives them over a pipe with small JSON commands: build queries, warm up, then run N
+synchronous requests and report each request's latency and the run's start and end on the shared
+monotonic clock. Aggregate throughput is all queries answered over the span from the first start
+to the last end.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from benchmarks.workloads import Workload, make_queries, make_update_ids
+
+SERVER_START_TIMEOUT_S = 120.0
+CLIENT_TIMEOUT_S = 600.0  # one imagenet-512 request takes seconds; coalesced ones longer
+QUERY_BATCHES = 4
+
+
+class Server:
+    """``fgc-bank serve --port 0`` in a subprocess; ``address`` once it is listening."""
+
+    def __init__(self, threads: int, workers: int = 1) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="fgc-bank-bench-")
+        address_file = Path(self._dir.name) / "address"
+        command = [sys.executable, "-m", "fgc_bank.cli", "--log-level", "warning", "serve", "--port", "0",
+                   "--address-file", str(address_file), "--faiss-threads", str(threads),
+                   "--workers", str(workers)]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while not address_file.exists():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"fgc-bank serve exited with code {self.process.returncode}: {' '.join(command)}")
+            if time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"fgc-bank serve did not write {address_file} within {SERVER_START_TIMEOUT_S:.0f} s")
+            time.sleep(0.05)
+        self.address = address_file.read_text().strip()
+
+    def close(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL if it lingers)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._dir.cleanup()
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class Run:
+    """What one client reports for one command."""
+
+    start: float
+    end: float
+    latencies: list[float]
+
+
+def client_main(address: str, workload: Workload, bank: str, seed: int, conn: multiprocessing.connection.Connection) -> None:
+    """A client process: answer the parent's commands until ``stop``."""
+    from fgc_bank.api import connect
+
+    with connect(address, timeout=CLIENT_TIMEOUT_S) as client:
+        queries = make_queries(lambda ids: client.gather(bank, ids), workload.rows, workload.batch,
+                               QUERY_BATCHES, seed)
+        ids = make_update_ids(workload.rows, workload.batch, QUERY_BATCHES, seed + 1)
+        calls = {
+            "knn": lambda i: client.knn(bank, queries[i % QUERY_BATCHES], workload.k),
+            "knn_update": lambda i: client.knn_update(bank, ids[i % QUERY_BATCHES], queries[i % QUERY_BATCHES], workload.k),
+            "update": lambda i: client.update(bank, ids[i % QUERY_BATCHES], queries[i % QUERY_BATCHES]),
+        }
+        conn.send_bytes(b"ready")
+        while True:
+            command = json.loads(conn.recv_bytes())
+            if command["op"] == "stop":
+                return
+            call = calls[command["op"]]
+            latencies = []
+            start = time.monotonic()
+            for i in range(command["count"]):
+                begin = time.perf_counter()
+                call(i)
+                latencies.append(time.perf_counter() - begin)
+            conn.send_bytes(json.dumps({"start": start, "end": time.monotonic(), "latencies": latencies}).encode())
+
+
+class Fleet:
+    """``size`` client processes connected to one server's bank."""
+
+    def __init__(self, address: str, workload: Workload, bank: str, size: int, seed: int) -> None:
+        ctx = multiprocessing.get_context("spawn")  # no forked copies of torch/zmq thread state
+        self._conns: list[multiprocessing.connection.Connection] = []
+        self._procs = []
+        for i in range(size):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=client_main, args=(address, workload, bank, seed + 100 * i, child),
+                               name=f"fgc-bank-bench-client-{i}", daemon=True)
+            proc.start()
+            self._conns.append(parent)
+            self._procs.append(proc)
+        for i, conn in enumerate(self._conns):
+            if not conn.poll(CLIENT_TIMEOUT_S) or conn.recv_bytes() != b"ready":
+                raise RuntimeError(f"benchmark client {i} did not start")
+
+    def run(self, op: str, count: int, clients: int) -> list[Run]:
+        """``count`` synchronous ``op`` requests from each of the first ``clients`` clients, at once."""
+        command = json.dumps({"op": op, "count": count}).encode()
+        for conn in self._conns[:clients]:
+            conn.send_bytes(command)
+        runs = []
+        for conn in self._conns[:clients]:
+            reply = json.loads(conn.recv_bytes())
+            runs.append(Run(reply["start"], reply["end"], reply["latencies"]))
+        return runs
+
+    def close(self) -> None:
+        for conn in self._conns:
+            try:
+                conn.send_bytes(json.dumps({"op": "stop"}).encode())
+            except (BrokenPipeError, OSError):
+                pass
+        for proc in self._procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+
+    def __enter__(self) -> "Fleet":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def aggregate_qps(runs: Sequence[Run], batch: int) -> float:
+    """Queries answered per second by all clients together, over their common span."""
+    queries = sum(len(r.latencies) for r in runs) * batch
+    return queries / (max(r.end for r in runs) - min(r.start for r in runs))
+
+
+def server_counters(stats: dict[str, Any]) -> tuple[int, int]:
+    """(coalesced FAISS calls, requests in them) from a ``stats`` reply."""
+    return int(stats.get("batches", 0)), int(stats.get("coalesced_requests", 0))
+
+
+def default_threads() -> int:
+    """Cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def pooled(runs_per_rep: Sequence[Sequence[Run]]) -> np.ndarray:
+    """Every request latency (seconds) of every client and repetition."""
+    return np.array([lat for runs in runs_per_rep for r in runs for lat in r.latencies])

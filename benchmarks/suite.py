@@ -1,0 +1,108 @@
+"""One benchmark run: every contender on each workload, in process and over loopback."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from benchmarks import inprocess, remote
+from benchmarks.timing import Latency, Peak, Stats, reps_for
+from benchmarks.workloads import Workload, make_queries, make_update_ids
+from fgc_bank.api import connect
+from fgc_bank.local import LocalBank
+from fgc_bank.search import set_threads
+
+QUERY_BATCHES = 4
+SERVER_REPS = 3  # repetitions of each aggregate server measurement
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How long and how wide to measure."""
+
+    budget_s: float = 6.0  # time to spend on each measured quantity
+    min_reps: int = 3
+    max_reps: int = 30
+    clients: tuple[int, ...] = (1, 2, 4)
+    threads: int = 0  # search / FAISS threads in this process and the server; 0: every core
+    seed: int = 0
+
+
+def steps(settings: Settings) -> int:
+    """Progress-bar steps per workload (see :func:`run_workload`)."""
+    return 1 + 2 * 5 + 2 + 1 + 2 * len(settings.clients) + 2
+
+
+def run_workload(workload: Workload, peak: Peak, settings: Settings, tick: Callable[[str], None]) -> dict[str, Any]:
+    """Measure every contender on ``workload``; a JSON-ready dict."""
+    set_threads(settings.threads)
+    cfg = workload.bank_config(settings.seed)
+    local = LocalBank()
+    local.create(cfg.name, cfg.rows, cfg.dim, momentum=cfg.momentum, init=cfg.init, seed=cfg.seed)
+    name = cfg.name
+    rows = local.service.bank(name).rows_np  # the bank's live rows: every contender searches these
+    queries = make_queries(lambda ids: rows[ids], workload.rows, workload.batch, QUERY_BATCHES, settings.seed)
+    ids = make_update_ids(workload.rows, workload.batch, QUERY_BATCHES, settings.seed + 1)
+    tick(f"{workload.name}: bank built")
+    contenders = inprocess.methods(rows, workload.k, local, name)
+    seconds = inprocess.measure(contenders, queries, settings.budget_s, settings.min_reps, settings.max_reps, tick)
+    result: dict[str, Any] = {
+        "workload": asdict(workload),
+        "bound_qps": peak.bound_qps(workload.flops_per_query),
+        "methods": {m.key: {"label": m.label, "qps": Stats.of(workload.batch / np.array(seconds[m.key])).to_json()}
+                    for m in contenders},
+    }
+    step_s = float(np.median(seconds["bank"]))
+    reps = reps_for(step_s, settings.budget_s, max(settings.min_reps, 5), 4 * settings.max_reps)
+    result["bank"] = {
+        "knn_update_ms": asdict(Latency.of(inprocess.bank_step_latency(local, name, queries, ids, workload.k, reps))),
+        "update_rows_per_s": Stats.of(workload.batch / np.array(
+            inprocess.bank_update_seconds(local, name, queries, ids, 4 * reps))).to_json(),
+    }
+    tick(f"{workload.name}: in-process bank steps")
+    local.close()  # free the rows before the server builds its own
+    del rows, contenders
+    result["server"] = run_server(workload, settings, step_s, tick)
+    return result
+
+
+def run_server(workload: Workload, settings: Settings, step_s: float, tick: Callable[[str], None]) -> dict[str, Any]:
+    """The same bank behind ``fgc-bank serve``, loaded by 1, 2, 4... client processes."""
+    out: dict[str, Any] = {"clients": {}}
+    with remote.Server(settings.threads) as server, connect(server.address, timeout=remote.CLIENT_TIMEOUT_S) as admin:
+        cfg = workload.bank_config(settings.seed)
+        admin.create(cfg.name, cfg.rows, cfg.dim, momentum=cfg.momentum, init=cfg.init, seed=cfg.seed)
+        tick(f"{workload.name}: server up")
+        with remote.Fleet(server.address, workload, cfg.name, max(settings.clients), settings.seed) as fleet:
+            tick(f"{workload.name}: clients up")
+            count = reps_for(step_s, settings.budget_s / SERVER_REPS, 2, 4 * settings.max_reps)
+            for clients in settings.clients:
+                fleet.run("knn", 1, clients)  # warm-up
+                tick(f"{workload.name}: warm {clients} client(s)")
+                before = remote.server_counters(admin.stats())
+                runs = [fleet.run("knn", count, clients) for _ in range(SERVER_REPS)]
+                after = remote.server_counters(admin.stats())
+                calls, requests = after[0] - before[0], after[1] - before[1]
+                entry = {"qps": Stats.of([remote.aggregate_qps(r, workload.batch) for r in runs]).to_json(),
+                         "knn_ms": asdict(Latency.of(remote.pooled(runs))),
+                         "requests_per_search": requests / calls if calls else 0.0}
+                if clients == 1:
+                    server_ms = admin.stats().get("latency", {}).get("knn", {}).get("p50_ms")
+                    if server_ms is not None:
+                        entry["server_knn_p50_ms"] = server_ms
+                        entry["wire_p50_ms"] = entry["knn_ms"]["p50_ms"] - server_ms
+                out["clients"][str(clients)] = entry
+                tick(f"{workload.name}: {clients} client(s)")
+            fleet.run("knn_update", 1, 1)
+            out["knn_update_ms"] = asdict(Latency.of(remote.pooled(
+                [fleet.run("knn_update", count, 1) for _ in range(SERVER_REPS)])))
+            tick(f"{workload.name}: server knn_update")
+            updates = [fleet.run("update", 4 * count, 1) for _ in range(SERVER_REPS)]
+            out["update_rows_per_s"] = Stats.of(workload.batch / remote.pooled(updates)).to_json()
+            tick(f"{workload.name}: server update")
+    time.sleep(0.2)
+    return out
+

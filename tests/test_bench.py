@@ -1,0 +1,84 @@
+"""``fgc-bank bench`` runs end to end on a tiny bank and writes well-formed results.
+
+Timings are never asserted (the machine decides those); only that every figure is there.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from benchmarks import report
+from benchmarks.cli import bench
+from benchmarks.timing import Latency, Stats
+from benchmarks.workloads import WORKLOADS, make_queries, make_update_ids
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_bench_writes_json_chart_and_page(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    args = ["--quick", "--workload", "cifar", "--max-rows", "9000", "--seconds", "0.05", "--reps", "2",
+            "--clients", "1", "--clients", "2", "--peak-size", "256", "--out", str(out), "--no-progress"]
+    result = CliRunner().invoke(bench, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "compute bound" in result.output and "targets:" in result.output
+
+    run = json.loads((out / "bench.json").read_text())
+    assert run["peak"]["gflops"] > 0
+    assert set(run["machine"]["versions"]) >= {"torch", "faiss-cpu", "numpy"}
+    (res,) = run["results"]
+    assert res["workload"] == {"name": "cifar", "rows": 9000, "dim": 64, "k": 200, "batch": 256}
+    assert res["bound_qps"] == pytest.approx(run["peak"]["gflops"] * 1e9 / (2 * 9000 * 64))
+    assert set(res["methods"]) == {"faiss-default", "faiss-blas", "torch-topk", "search", "bank"}
+    for entry in [*res["methods"].values(), *res["server"]["clients"].values()]:
+        stats = entry["qps"]
+        assert 0 < stats["low"] <= stats["median"] <= stats["high"] and stats["n"] >= 1
+    assert set(res["server"]["clients"]) == {"1", "2"}
+    for latency in (res["bank"]["knn_update_ms"], res["server"]["knn_update_ms"]):
+        assert 0 < latency["p50_ms"] <= latency["p99_ms"]
+    assert res["bank"]["update_rows_per_s"]["median"] > 0 and res["server"]["update_rows_per_s"]["median"] > 0
+    assert {c["what"] for c in run["checks"]} >= {"server, 1 client / compute bound", "in-process bank / search in process"}
+    assert all(c["verdict"] in {"met", "MISSED", "reported"} for c in run["checks"])
+
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "RESULTS.md").read_text()
+    assert "## cifar" in page and "![" in page and "GFLOP/s" in page
+
+
+def test_stats_and_latency_summaries() -> None:
+    stats = Stats.of([3.0, 1.0, 2.0])
+    assert (stats.median, stats.low, stats.high, stats.n) == (2.0, 1.0, 3.0, 3)
+    assert stats.spread == pytest.approx(1.0)
+    latency = Latency.of([0.001] * 99 + [0.1])
+    assert latency.p50_ms == pytest.approx(1.0) and latency.p99_ms > 1.0
+
+
+def test_workloads_resize_and_synthetic_inputs() -> None:
+    small = WORKLOADS["imagenet-512"].resized(max_rows=1000, batch=16)
+    assert (small.rows, small.dim, small.k, small.batch) == (1000, 512, 200, 16)
+    assert WORKLOADS["cifar"].resized(max_rows=10).rows == 200  # never below k
+    rows = WORKLOADS["cifar"].resized(max_rows=500)
+    table = make_queries(lambda ids: ids[:, None] * 1.0 + 1.0, rows.rows, 8, 2, seed=0)
+    assert len(table) == 2 and table[0].shape == (8, 1) and table[0].dtype.name == "float32"
+    ids = make_update_ids(500, 64, 3, seed=0)
+    assert all(len(set(i.tolist())) == 64 for i in ids)
+
+
+def test_checks_compare_the_right_contenders() -> None:
+    def stats(q: float) -> dict:
+        return {"median": q, "low": q, "high": q, "n": 1}
+
+    result = {"workload": {"name": "imagenet-128"}, "bound_qps": 1000.0,
+              "methods": {k: {"qps": stats(q)} for k, q in
+                          {"faiss-default": 100, "faiss-blas": 600, "torch-topk": 300, "search": 800, "bank": 790}.items()},
+              "server": {"clients": {"1": {"qps": stats(760)}, "4": {"qps": stats(820)}}}}
+    found = {c.what: (c.value, c.verdict) for c in report.checks([result])}
+    assert found["server, 1 client / compute bound"] == (pytest.approx(0.76), "met")
+    assert found["server, 1 client / search in process"] == (pytest.approx(0.95), "met")
+    assert found["server, 4 clients (aggregate) / search in process"] == (pytest.approx(1.025), "met")
+    assert found["in-process bank / search in process"] == (pytest.approx(0.9875), "met")
+    assert found["search / faiss-default"] == (pytest.approx(8.0), "reported")
