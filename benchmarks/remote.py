@@ -28,6 +28,7 @@ from benchmarks.workloads import Workload, make_queries, make_update_ids
 SERVER_START_TIMEOUT_S = 120.0
 CLIENT_TIMEOUT_S = 600.0  # one imagenet-512 request takes seconds; coalesced ones longer
 QUERY_BATCHES = 4
+WINDOW = 2  # requests in flight for the "knn_window" runs
 
 
 class Server:
@@ -95,14 +96,35 @@ def client_main(address: str, workload: Workload, bank: str, seed: int, conn: mu
             command = json.loads(conn.recv_bytes())
             if command["op"] == "stop":
                 return
-            call = calls[command["op"]]
-            latencies = []
             start = time.monotonic()
-            for i in range(command["count"]):
-                begin = time.perf_counter()
-                call(i)
-                latencies.append(time.perf_counter() - begin)
+            if command["op"] == "knn_window":
+                latencies = _windowed_knn(client, bank, queries, workload.k, command["count"], WINDOW)
+            else:
+                call = calls[command["op"]]
+                latencies = []
+                for i in range(command["count"]):
+                    begin = time.perf_counter()
+                    call(i)
+                    latencies.append(time.perf_counter() - begin)
             conn.send_bytes(json.dumps({"start": start, "end": time.monotonic(), "latencies": latencies}).encode())
+
+
+def _windowed_knn(client: Any, bank: str, queries: Sequence[np.ndarray], k: int, count: int,
+                  window: int) -> list[float]:
+    """``count`` knn requests with ``window`` in flight (as a trainer issues ``knn_update_async``
+    for one block while another's answer is still coming): per-request latencies."""
+    in_flight: list[tuple[float, Any]] = []
+    latencies = []
+    for i in range(count):
+        if len(in_flight) == window:
+            begin, future = in_flight.pop(0)
+            future.result()
+            latencies.append(time.perf_counter() - begin)
+        in_flight.append((time.perf_counter(), client.knn_async(bank, queries[i % len(queries)], k)))
+    for begin, future in in_flight:
+        future.result()
+        latencies.append(time.perf_counter() - begin)
+    return latencies
 
 
 class Fleet:

@@ -12,6 +12,7 @@ from typing import Any
 # Ratios the issue asks for, per workload: (what, numerator, denominator, goal).
 TARGET_BOUND = {"cifar": 0.6, "imagenet-128": 0.75, "imagenet-512": 0.75}
 ORDER = ["faiss-default", "faiss-blas", "torch-topk", "search", "bank"]  # in-process contenders
+PIPELINED = "server-1-pipelined"  # one client, two requests in flight
 LIBRARIES = ["torch", "faiss-cpu", "numpy", "pyzmq", "msgpack", "click", "matplotlib"]
 
 
@@ -31,15 +32,23 @@ class Check:
         return "met" if self.value >= self.goal else "MISSED"
 
 
-def qps_of(result: dict[str, Any], key: str) -> float:
-    """Median queries/s of an in-process method (``search``) or a server run (``server-4``)."""
+def qps_stats(result: dict[str, Any], key: str) -> dict[str, float]:
+    """Queries/s (median, low, high, n) of an in-process method (``search``), a server run with
+    N clients (``server-4``) or one client with requests in flight (``server-1-pipelined``)."""
+    if key == PIPELINED:
+        return result["server"]["pipelined"]["qps"]
     if key.startswith("server-"):
-        return result["server"]["clients"][key.split("-", 1)[1]]["qps"]["median"]
-    return result["methods"][key]["qps"]["median"]
+        return result["server"]["clients"][key.split("-", 1)[1]]["qps"]
+    return result["methods"][key]["qps"]
+
+
+def qps_of(result: dict[str, Any], key: str) -> float:
+    return qps_stats(result, key)["median"]
 
 
 def contenders(result: dict[str, Any]) -> list[str]:
-    return [k for k in ORDER if k in result["methods"]] + [f"server-{c}" for c in result["server"]["clients"]]
+    keys = [k for k in ORDER if k in result["methods"]] + [f"server-{c}" for c in result["server"]["clients"]]
+    return keys + ([PIPELINED] if "pipelined" in result["server"] else [])
 
 
 def checks(results: list[dict[str, Any]]) -> list[Check]:
@@ -52,6 +61,10 @@ def checks(results: list[dict[str, Any]]) -> list[Check]:
             out.append(Check(name, "server, 1 client / compute bound", qps_of(r, "server-1") / bound,
                              TARGET_BOUND.get(name)))
             out.append(Check(name, "server, 1 client / search in process", qps_of(r, "server-1") / qps_of(r, "search"), 0.9))
+        if PIPELINED in have:
+            out.append(Check(name, "server, 1 client, 2 in flight / compute bound", qps_of(r, PIPELINED) / bound, None))
+            out.append(Check(name, "server, 1 client, 2 in flight / search in process",
+                             qps_of(r, PIPELINED) / qps_of(r, "search"), None))
         if "server-4" in have:
             out.append(Check(name, "server, 4 clients (aggregate) / search in process",
                              qps_of(r, "server-4") / qps_of(r, "search"), 1.0))
@@ -69,11 +82,11 @@ def text_table(results: list[dict[str, Any]], peak: dict[str, Any]) -> str:
         lines.append("")
         lines.append(f"{w['name']}: N={w['rows']:,} D={w['dim']} k={w['k']} B={w['batch']}  "
                      f"compute bound {r['bound_qps']:,.0f} q/s")
-        lines.append(f"  {'contender':<16} {'queries/s':>11} {'spread':>7} {'x bound':>8} {'x search':>9} {'x faiss':>8}")
+        lines.append(f"  {'contender':<18} {'queries/s':>11} {'spread':>7} {'x bound':>8} {'x search':>9} {'x faiss':>8}")
         for key in contenders(r):
-            stats = (r["server"]["clients"][key.split("-", 1)[1]] if key.startswith("server-") else r["methods"][key])["qps"]
+            stats = qps_stats(r, key)
             q = stats["median"]
-            lines.append(f"  {key:<16} {q:>11,.0f} {_spread(stats):>7} {q / r['bound_qps']:>8.3f} "
+            lines.append(f"  {key:<18} {q:>11,.0f} {_spread(stats):>7} {q / r['bound_qps']:>8.3f} "
                          f"{q / qps_of(r, 'search'):>9.3f} {q / qps_of(r, 'faiss-default'):>8.2f}")
         b, s = r["bank"], r["server"]
         lines.append(f"  knn_update p50/p99 ms: in-process {b['knn_update_ms']['p50_ms']:.1f}/{b['knn_update_ms']['p99_ms']:.1f}"
@@ -112,7 +125,7 @@ def chart(results: list[dict[str, Any]], path: Path) -> None:
         for j, r in enumerate(results):
             if key not in contenders(r):
                 continue
-            stats = (r["server"]["clients"][key.split("-", 1)[1]] if key.startswith("server-") else r["methods"][key])["qps"]
+            stats = qps_stats(r, key)
             xs.append(j + (i - (len(keys) - 1) / 2) * width)
             ys.append(stats["median"] / r["bound_qps"])
             lo.append((stats["median"] - stats["low"]) / r["bound_qps"])
@@ -187,7 +200,7 @@ def markdown(run: dict[str, Any], chart_name: str) -> str:
                 "| contender | queries/s | spread | x bound | x search | x FAISS default |",
                 "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for key in contenders(r):
-            stats = (r["server"]["clients"][key.split("-", 1)[1]] if key.startswith("server-") else r["methods"][key])["qps"]
+            stats = qps_stats(r, key)
             q = stats["median"]
             out.append(f"| {key} | {q:,.0f} | {_spread(stats)} | {q / r['bound_qps']:.3f} | "
                        f"{q / qps_of(r, 'search'):.3f} | {q / qps_of(r, 'faiss-default'):.2f} |")

@@ -33,7 +33,7 @@ class Settings:
 
 def steps(settings: Settings) -> int:
     """Progress-bar steps per workload (see :func:`run_workload`)."""
-    return 1 + 2 * 5 + 2 + 1 + 2 * len(settings.clients) + 2
+    return 1 + 2 * 5 + 2 + 1 + 2 * len(settings.clients) + 3
 
 
 def run_workload(workload: Workload, peak: Peak, settings: Settings, tick: Callable[[str], None]) -> dict[str, Any]:
@@ -96,6 +96,11 @@ def run_server(workload: Workload, settings: Settings, step_s: float, tick: Call
                         entry["wire_p50_ms"] = entry["knn_ms"]["p50_ms"] - server_ms
                 out["clients"][str(clients)] = entry
                 tick(f"{workload.name}: {clients} client(s)")
+            fleet.run("knn_window", 2, 1)
+            runs = [fleet.run("knn_window", 2 * count, 1) for _ in range(SERVER_REPS)]
+            out["pipelined"] = {"qps": Stats.of([remote.aggregate_qps(r, workload.batch) for r in runs]).to_json(),
+                                "window": remote.WINDOW}
+            tick(f"{workload.name}: 1 client, {remote.WINDOW} in flight")
             fleet.run("knn_update", 1, 1)
             out["knn_update_ms"] = asdict(Latency.of(remote.pooled(
                 [fleet.run("knn_update", count, 1) for _ in range(SERVER_REPS)])))
