@@ -227,3 +227,21 @@ def test_trainer_checkpoint_pairs_with_a_bank_snapshot_and_resume_restores_it(tm
             assert np.array_equal(client.gather(name, np.arange(64)), paired_rows[name])
     finally:
         stop_server(proc)
+
+
+def test_periodic_snapshots_are_written_and_pruned(tmp_path: Path) -> None:
+    snap_dir = tmp_path / "snaps"
+    proc, address = start_server(tmp_path, "--snapshot-dir", str(snap_dir), "--snapshot-every", "0.3",
+                                 "--snapshot-keep", "2")
+    try:
+        with connect(address) as bank:
+            bank.create("tick", 100, 4)
+            deadline = time.monotonic() + 30 * TIME_FACTOR
+            while (bank.stats()["snapshot"] or {}).get("name", "") < "snapshot-00000004":
+                assert time.monotonic() < deadline, "no periodic snapshots"
+                time.sleep(0.1)
+            age = bank.stats()["snapshot"]["age_s"]
+            assert 0 <= age < 30 * TIME_FACTOR
+    finally:
+        stop_server(proc)
+    assert len(snapshots.snapshots(snap_dir)) == 2  # pruned after each write, the final one too
