@@ -72,7 +72,7 @@ def run_workload(workload: Workload, peak: Peak, settings: Settings, tick: Calla
 def run_server(workload: Workload, settings: Settings, step_s: float, tick: Callable[[str], None]) -> dict[str, Any]:
     """The same bank behind ``fgc-bank serve``, loaded by 1, 2, 4... client processes."""
     out: dict[str, Any] = {"clients": {}}
-    with remote.Server(settings.threads) as server, connect(server.address, timeout=remote.CLIENT_TIMEOUT_S) as admin:
+    with remote.Server(settings.threads) as server, connect(server.address, **remote.CLIENT_OPTIONS) as admin:
         cfg = workload.bank_config(settings.seed)
         admin.create(cfg.name, cfg.rows, cfg.dim, momentum=cfg.momentum, init=cfg.init, seed=cfg.seed)
         tick(f"{workload.name}: server up")
