@@ -115,7 +115,7 @@ class BankServer:
             push.connect(self._replies_addr)
         for job, reply in replies:
             self.metrics.observe(job.request.op, reply.error, time.perf_counter() - job.arrived)
-            if job.request.client and job.request.op in MUTATING_OPS:
+            if job.request.client:
                 self.recent.done(job.request.client, job.request.id, reply)
             push.send_multipart([job.peer, *encode_reply(reply)], copy=False)
 
@@ -178,22 +178,24 @@ class BankServer:
         if request.op in ADMIN_OPS:
             self._admin.submit(self._run_admin, Job(peer, request))
             return
-        tracked = bool(request.client) and request.op in MUTATING_OPS
+        tracked = bool(request.client)
         if tracked:
-            seen, cached = self.recent.check(request.client, request.id)
+            seen, cached = self.recent.check(request.client, request.id, peer)
             if seen is Seen.QUEUED:
-                return  # the first copy is still queued; its reply will answer the client
+                return  # the first copy is still queued; its reply now goes to this connection
             if seen is Seen.DONE:
                 if cached is not None:
                     self._send(peer, cached, request.op)
                     return
-                request, tracked = self._replay(peer, request)
-                if request is None:
-                    return
+                if request.op in MUTATING_OPS:
+                    request, tracked = self._replay(peer, request)
+                    if request is None:
+                        return
+        job = Job(peer, request)
         if tracked:  # before submit: the worker may finish before this thread runs again
-            self.recent.begin(request.client, request.id)
+            self.recent.begin(request.client, request.id, job)
         try:
-            self.dispatcher.submit(Job(peer, request))
+            self.dispatcher.submit(job)
         except BankError as exc:
             if tracked:
                 self.recent.forget(request.client, request.id)
@@ -289,7 +291,7 @@ class BankServer:
         last = self.snapshotter.last if self.snapshotter is not None else None
         return {"address": self.address, "queue_depth": self.dispatcher.queue_depth(),
                 "batches": self.dispatcher.batches, "coalesced_requests": self.dispatcher.coalesced,
-                "retries_answered": self.recent.retries_answered, "restored_from": self.restored,
+                "copies_seen": self.recent.copies_seen, "restored_from": self.restored,
                 "snapshot": None if last is None else {"name": last["name"], "age_s": time.time() - last["time"]},
                 **self.metrics.summary()}
 

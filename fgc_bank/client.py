@@ -5,10 +5,12 @@ copied), matches replies to futures by request id, and fails calls that outlive 
 :class:`BankTimeout`. So a trainer can issue ``knn_update_async`` mid-forward and collect it later,
 and no call can hang: every future resolves, with a result or an error, within ``timeout``.
 
-Restarts: when a request has had no reply for ``retry_interval`` seconds, the client closes its
-socket, opens a new one (the ZeroMQ Guide's "Lazy Pirate") and sends every unanswered request
-again with the same (client id, request id). The server remembers recent mutating requests per
-client id, so a retried update is answered, never applied twice.
+Restarts: ZeroMQ reconnects the DEALER by itself, but requests that were in the dead connection
+are gone. A socket monitor tells the I/O thread when the connection comes back, and it sends every
+unanswered request again with the same (client id, request id); so does a request that has waited
+``retry_interval`` seconds (the ZeroMQ Guide's "Lazy Pirate", on the same socket so the original
+reply can still arrive). The server drops a copy of a request it still has queued and answers a
+copy of an applied update from its memory: nothing runs twice, nothing is applied twice.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any, Callable, TypeVar
 
 import zmq
 import zmq.auth
+from zmq.utils.monitor import recv_monitor_message
 
 from fgc_bank.api import DEFAULT_TIMEOUT_S, BankHandle
 from fgc_bank.errors import BankError, BankTimeout, BankUnavailable, ErrorCode
@@ -53,14 +56,15 @@ class BankClient(BankHandle):
     ----------
     address : ``tcp://host:port`` or ``ipc://path``.
     timeout : seconds a call may wait for its reply before it fails with BankTimeout.
-    retry_interval : seconds without a reply before the client reconnects and resends.
+    retry_interval : seconds without a reply before a request is sent again (reconnections
+        resend at once, whatever this is).
     curve_secret, curve_server : key files (from ``fgc-bank keys``) for a CURVE server: this
         client's secret key file and the server's public key file.
     max_in_flight : calls issued and not yet answered before new ones fail with BUSY (bounds
         this process's memory when the server falls behind).
     """
 
-    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT_S, retry_interval: float = 5.0,
+    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT_S, retry_interval: float = 10.0,
                  curve_secret: str | Path | None = None, curve_server: str | Path | None = None,
                  max_in_flight: int = 4096) -> None:
         if timeout <= 0 or retry_interval <= 0:
@@ -70,7 +74,8 @@ class BankClient(BankHandle):
         self.timeout = timeout
         self.retry_interval = retry_interval
         self.client_id = secrets.randbits(63) + 1
-        self.reconnects = 0
+        self.reconnects = 0  # connections lost and made again
+        self.resends = 0  # requests sent again
         self.max_in_flight = max_in_flight
         self._in_flight = 0
         self._curve = _load_curve(curve_secret, curve_server)
@@ -86,6 +91,7 @@ class BankClient(BankHandle):
         self._wake_tx.connect(wake_addr)
         try:
             self._socket = self._new_socket()
+            self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         except zmq.ZMQError as exc:
             self._wake_rx.close(linger=0)
             self._wake_tx.close(linger=0)
@@ -134,6 +140,8 @@ class BankClient(BankHandle):
     def _new_socket(self) -> zmq.Socket:
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)  # notice a silent, dead peer, not only a closed one
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10000)
         if self._curve is not None:
             public, secret, server_public = self._curve
             sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = public, secret, server_public
@@ -145,6 +153,8 @@ class BankClient(BankHandle):
         poller = zmq.Poller()
         poller.register(self._wake_rx, zmq.POLLIN)
         poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
+        disconnected = False
         try:
             while True:
                 wait = min((min(p.deadline, p.retry_at) for p in pending.values()),
@@ -158,11 +168,11 @@ class BankClient(BankHandle):
                     self._send_outbox(pending)
                 if self._socket in events:
                     self._receive(pending)
+                if self._monitor in events:
+                    disconnected = self._connection_event(pending, disconnected)
                 self._expire(pending)
-                if any(p.retry_at <= time.monotonic() for p in pending.values()):
-                    poller.unregister(self._socket)
-                    self._reconnect(pending)
-                    poller.register(self._socket, zmq.POLLIN)
+                now = time.monotonic()
+                self._resend([p for p in pending.values() if p.retry_at <= now], "no reply yet")
         finally:
             error = BankUnavailable(f"client for {self.address} was closed before the reply came")
             for item in [*pending.values(), *self._outbox]:
@@ -209,20 +219,33 @@ class BankClient(BankHandle):
                 f"no reply to {item.request.op}{bank} from {self.address} within {self.timeout:g} s; "
                 "is `fgc-bank serve` running there, and reachable?"))
 
-    def _reconnect(self, pending: dict[int, _Pending]) -> None:
-        """Lazy Pirate: a fresh socket, and every unanswered request sent again, same ids."""
-        self._socket.close(linger=0)
-        self._socket = self._new_socket()
-        self.reconnects += 1
-        logger.warning("no reply from %s for %g s; reconnecting and resending %d request(s)",
-                       self.address, self.retry_interval, len(pending))
-        now = time.monotonic()
-        for item in pending.values():
-            item.retry_at = now + self.retry_interval
+    def _connection_event(self, pending: dict[int, _Pending], disconnected: bool) -> bool:
+        """Track the connection; when it comes back after a loss, resend what is unanswered."""
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)["event"]
+            if event == zmq.EVENT_DISCONNECTED:
+                disconnected = True
+                logger.warning("lost the connection to %s; ZeroMQ is reconnecting", self.address)
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and disconnected:
+                disconnected = False
+                self.reconnects += 1
+                self._resend(list(pending.values()), "reconnected")
+        return disconnected
+
+    def _resend(self, items: list[_Pending], why: str) -> None:
+        """Send requests again with their original ids; the server drops or answers duplicates."""
+        if not items:
+            return
+        logger.info("%s to %s: resending %d request(s)", why, self.address, len(items))
+        retry_at = time.monotonic() + self.retry_interval
+        for item in items:
+            item.retry_at = retry_at
+            self.resends += 1
             self._socket.send_multipart(item.frames, copy=False)
 
     def _close_sockets(self) -> None:
-        for sock in (self._socket, self._wake_rx, self._wake_tx):
+        self._socket.disable_monitor()
+        for sock in (self._monitor, self._socket, self._wake_rx, self._wake_tx):
             sock.close(linger=0)
 
 

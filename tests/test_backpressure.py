@@ -77,3 +77,17 @@ def test_client_bounds_its_calls_in_flight(server: str) -> None:
         assert all(f.result().ids.shape == (256, 10) for f in futures[:3])
         assert bank.knn("inflight", queries, 10).ids.shape == (256, 10)  # room again once collected
         bank.drop("inflight")
+
+
+def test_a_resent_request_still_queued_is_not_run_twice(server: str) -> None:
+    """A client that resends impatiently (Lazy Pirate) costs the server nothing extra."""
+    from fgc_bank.client import BankClient
+
+    with BankClient(server, retry_interval=0.05) as bank:
+        bank.create("patience", 300_000, 64, seed=4)
+        queries = np.ones((512, 64), np.float32)
+        futures = [bank.knn_async("patience", queries, 20) for _ in range(4)]
+        assert all(f.result().ids.shape == (512, 20) for f in futures)
+        assert bank.resends > 0
+        assert bank.info("patience")["queries"] == 4 * 512  # each search ran once
+        bank.drop("patience")

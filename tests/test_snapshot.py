@@ -68,19 +68,25 @@ def test_old_snapshots_are_pruned_to_keep(tmp_path: Path) -> None:
 
 
 def test_dedup_table_round_trips_and_stays_bounded() -> None:
-    table = RecentRequests(window=4, cached_replies=1)
-    for rid in range(1, 8):
-        table.begin(5, rid)
-    assert table.export() == {"5": []}  # queued, not applied: a snapshot must not claim them
     from fgc_bank.protocol import Reply
 
+    class Job:
+        peer = b"old"
+
+    table = RecentRequests(window=4, reply_budget=600)
+    jobs = {}
+    for rid in range(1, 8):
+        jobs[rid] = Job()
+        table.begin(5, rid, jobs[rid])
+    assert table.export() == {"5": []}  # queued, not applied: a snapshot must not claim them
+    assert table.check(5, 7, b"new")[0].value == "queued" and jobs[7].peer == b"new"  # reply redirected
     for rid in range(4, 8):
-        table.done(5, rid, Reply(rid))
+        table.done(5, rid, Reply(rid, arrays={"x": np.zeros(10, np.float32)}))  # 296 bytes each
     assert table.export() == {"5": [4, 5, 6, 7]}
     seen, cached = table.check(5, 7)
     assert seen.value == "done" and cached is not None and cached.id == 7
-    seen, cached = table.check(5, 6)
-    assert seen.value == "done" and cached is None  # reply evicted, id remembered
+    seen, cached = table.check(5, 5)
+    assert seen.value == "done" and cached is None  # reply evicted by the byte budget, id remembered
     assert table.check(5, 1)[0].value == "new"  # beyond the window
     fresh = RecentRequests()
     fresh.restore(table.export())
@@ -135,7 +141,7 @@ def test_kill_9_then_restart_loses_nothing_acknowledged_before_the_last_snapshot
     steps = [(rng.choice(4000, 128, replace=False), rng.standard_normal((128, 32)).astype(np.float32))
              for _ in range(16)]
     mirror = connect("local://")
-    bank = connect(address, timeout=120 * TIME_FACTOR, retry_interval=0.5)
+    bank = connect(address, timeout=120 * TIME_FACTOR, retry_interval=600)  # only a reconnection resends
     try:
         for b in (bank, mirror):
             b.create("feat/7", 4000, 32, seed=1)
@@ -161,7 +167,7 @@ def test_kill_9_then_restart_loses_nothing_acknowledged_before_the_last_snapshot
         assert np.array_equal(bank.gather("feat/7", np.arange(4000)), mirror.gather("feat/7", np.arange(4000)))
         stats = bank.stats()
         assert stats["restored_from"] == "snapshot-00000002"
-        assert bank.reconnects >= 1
+        assert bank.reconnects >= 1 and bank.resends >= 1
         banks, _ = snapshots.read(snap_dir / "snapshot-00000002")  # checksums verify
         assert np.array_equal(banks[0].rows_np, snapshot_rows)
     finally:
@@ -192,7 +198,7 @@ def test_a_retried_update_is_applied_once(server: str) -> None:
         mirror.update("dedup", np.arange(5), np.full((5, 4), 2.0, np.float32))  # once
         assert np.array_equal(bank.gather("dedup", np.arange(50)), mirror.gather("dedup", np.arange(50)))
         assert bank.info("dedup")["updates"] == 1
-        assert bank.stats()["retries_answered"] >= 2
+        assert bank.stats()["copies_seen"] >= 2
 
 
 def test_trainer_checkpoint_pairs_with_a_bank_snapshot_and_resume_restores_it(tmp_path: Path) -> None:
