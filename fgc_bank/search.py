@@ -2,36 +2,36 @@
 
 ``search_inner_product(rows, queries, k)`` is the one search the bank runs. It returns the same
 answer as brute force (up to the order of equal scores) and is built from library calls only:
-``torch.mm`` for the scores, numpy for the selection, FAISS heaps for the per-query thresholds.
+``torch.mm`` for the scores, FAISS heaps or numpy for the selection.
 
-Why not just ``faiss.knn`` (what ``benchmarks/`` measured on a 2-core AMD EPYC, FAISS 1.15):
+Why not just ``faiss.knn`` (``benchmarks/README.md`` has the measurements; 2-core EPYC, FAISS 1.15):
 
-- FAISS sends a batch to BLAS only when ``nq * d >= faiss.cvar.distance_compute_blas_threshold``
-  (128000). A batch of 256 queries at d = 64 or 128 falls below it, so FAISS scans the whole bank
-  once per query with a dot-product loop: no GEMM reuse, memory-bound, about 0.2x and 0.13x of the
-  sgemm bound. At d = 512 the same batch crosses the threshold and reaches about 0.9x.
-- Forcing BLAS helps (about 0.5x and 0.7x) but leaves two costs: FAISS's 1024-row GEMM blocks go
-  through the OpenBLAS bundled with the wheel, and every score passes through a per-query heap (or,
-  for k >= 100, a reservoir) whose insertions cost ~50 ns each. At k = 200 and d = 64 a query makes
-  about k * (1 + ln(N / k)) = 1,300 insertions: as much time as its GEMM.
-- Mixing runtimes costs too: torch (MKL) and FAISS each bring an OpenMP runtime whose idle
-  threads spin after every parallel region, so alternating a torch GEMM with a FAISS selection on
-  2 cores makes each wait for the other's spinning threads.
+- FAISS uses BLAS only when ``nq * d >= faiss.cvar.distance_compute_blas_threshold`` (128000).
+  256 queries at d = 64 or 128 fall below it, so FAISS scans the whole bank once per query with a
+  dot-product loop: memory-bound, about 0.2x and 0.13x of the sgemm bound (0.9x at d = 512).
+- With BLAS forced, every score still passes through a per-query heap (k < 100) or reservoir;
+  a heap insertion at k = 200 costs ~57 ns and a query makes about k (1 + ln(N / k)) of them:
+  at cifar's shape that is as long as the query's GEMM.
+- torch (MKL) and FAISS each bring an OpenMP runtime whose idle threads spin for milliseconds
+  after a parallel region; alternating the two on 2 cores makes each wait for the other.
 
 What this module does instead:
 
-- One search thread per core, each single-threaded (no OpenMP team, no barrier per chunk), each
-  owning a contiguous range of rows and all the queries. Threads meet once, at the merge.
-- Per chunk of rows, one ``torch.mm(rows[j:j+c], queries.T)`` into a preallocated (c, B) buffer
-  that fits in cache (about 4 MB); the (c, D) x (D, B) orientation runs at ~97% of peak.
-- Selection by threshold instead of by heap: a strided sample of the thread's rows gives each query
-  a threshold T a little below its expected k-th score (the r-th best sample score, r chosen a
-  few standard deviations above the expected count). The chunk scan is then two vectorized numpy
-  passes (``scores > T``, ``flatnonzero``) and only a few hundred candidates per query survive.
-  Candidates are packed into sortable uint64 keys (score bits, row id) and sorted per query.
-- Exactness is checked, not assumed: after the merge, a query's answer is exact if its k-th score
-  is above every thread's threshold (then no row left out could beat it). The rare query that fails
-  the check (or had fewer than k candidates) is searched again with ``faiss.knn``.
+- One search thread per core (a pool), each single-threaded in torch and FAISS (both settings
+  are per thread): no OpenMP team, no barrier per chunk. Each thread owns a contiguous range of
+  rows and all the queries; threads meet once per phase.
+- Scores come from one ``torch.mm`` per chunk of rows into a preallocated, cache-sized buffer.
+- Selection, chosen per call by a small cost model (:func:`_plan`):
+
+  - heap: FAISS min-heaps per query (``float_minheap_array_t.addn``) over each (B, c) chunk. The
+    compare costs ~0.3 ns per score; insertions are few when N per thread is large next to k
+    (imagenet shapes). Each thread's heaps are merged at the end.
+  - threshold: for large k over a small bank (cifar), a strided sample gives each query a
+    threshold that its k-th best score exceeds except with probability ``MISS_RATE`` (a Poisson
+    tail bound). The chunk scan is two numpy passes (``scores > T``, ``flatnonzero``); a few
+    hundred candidates per query survive, packed as sortable uint64 (score bits, row id) keys.
+    Exactness is checked, not assumed: an answer is exact when its k-th score is above the
+    threshold; a query that fails the check is searched again with ``faiss.knn``.
 
 Thread-safety: any number of threads may call :func:`search_inner_product` at once; the work goes
 to one shared pool, and scratch buffers belong to the pool threads.
