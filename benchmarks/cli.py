@@ -28,7 +28,7 @@ QUICK_BUDGET_S = 0.6
               help="Search / FAISS threads, in process and in the server (--faiss-threads); 0: every core.")
 @click.option("--seconds", type=click.FloatRange(0.01), default=None,
               help="Time spent measuring each quantity (default 6, or 0.6 with --quick).")
-@click.option("--reps", type=click.IntRange(1), default=3, help="Least measured repetitions of each quantity.")
+@click.option("--reps", type=click.IntRange(1), default=5, help="Least measured repetitions of each quantity.")
 @click.option("--peak-size", type=click.IntRange(256), default=None,
               help="Side of the square sgemm that measures peak GFLOP/s (default 4096, 2048 with --quick).")
 @click.option("--seed", type=int, default=0, help="Seed of the bank rows and queries.")
@@ -82,6 +82,6 @@ def bench(workloads: tuple[str, ...], quick: bool, max_rows: int | None, batch: 
 
 def _command_line(params: dict) -> str:
     """The command as typed (``fgc-bank bench ...``), or its parameters when called from Python."""
-    if len(sys.argv) > 1 and sys.argv[1] == "bench":
-        return "fgc-bank bench " + shlex.join(sys.argv[2:])
+    if "bench" in sys.argv[1:]:
+        return "fgc-bank " + shlex.join(sys.argv[1:])
     return "fgc-bank bench, called from Python with " + ", ".join(f"{k}={v!r}" for k, v in params.items())

@@ -164,7 +164,7 @@ def _threshold_sample(n: int, d: int, k: int) -> tuple[float, int, int]:
         rank = _poisson_rank(k / stride, MISS_RATE)
         if rank > sample // 4:
             break
-        # ns per query: the sample's GEMM and heap, plus the ~rank * stride scores above threshold
+        # ns per query: the sample (GEMM, group maxima, partition), then ~rank * stride candidates
         cost = sample * (2 * d * FLOP_NS + SAMPLE_ROW_NS) + CANDIDATE_NS * rank * stride
         if cost < best[0]:
             best = (cost, stride, rank)
