@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -85,8 +85,7 @@ def measure(contenders: Sequence[Method], batches: Sequence[np.ndarray], budget_
     reps: dict[str, int] = {}
     for method in contenders:
         method.run(batches[0])  # warm-up: caches, thread pools, scratch buffers
-        reps[method.key] = reps_for(time_once(lambda: method.run(batches[1 % len(batches)])),
-                                    budget_s, min_reps, max_reps)
+        reps[method.key] = reps_for(time_once(method.run, batches[1 % len(batches)]), budget_s, min_reps, max_reps)
         tick(f"warm {method.key}")
     seconds: dict[str, list[float]] = {m.key: [] for m in contenders}
     for r in range(rounds):
@@ -94,7 +93,7 @@ def measure(contenders: Sequence[Method], batches: Sequence[np.ndarray], budget_
             method.run(batches[-1])
             block = math.ceil(reps[method.key] / rounds)
             for i in range(block):
-                seconds[method.key].append(time_once(lambda: method.run(batches[(r * block + i) % len(batches)])))
+                seconds[method.key].append(time_once(method.run, batches[(r * block + i) % len(batches)]))
     for method in contenders:
         tick(f"measured {method.key}")
     return seconds
@@ -104,7 +103,7 @@ def bank_step_latency(bank: LocalBank, bank_name: str, features: Sequence[np.nda
                       ids: Sequence[np.ndarray], k: int, reps: int) -> list[float]:
     """Seconds per ``knn_update`` (FGC's fused search-then-update step) on the in-process bank."""
     bank.knn_update(bank_name, ids[0], features[0], k)  # warm-up
-    return [time_once(lambda: bank.knn_update(bank_name, ids[i % len(ids)], features[i % len(features)], k))
+    return [time_once(bank.knn_update, bank_name, ids[i % len(ids)], features[i % len(features)], k)
             for i in range(reps)]
 
 
@@ -112,5 +111,4 @@ def bank_update_seconds(bank: LocalBank, bank_name: str, values: Sequence[np.nda
                         ids: Sequence[np.ndarray], reps: int) -> list[float]:
     """Seconds per momentum ``update`` of one batch of rows on the in-process bank."""
     bank.update(bank_name, ids[0], values[0])
-    return [time_once(lambda: bank.update(bank_name, ids[i % len(ids)], values[i % len(values)]))
-            for i in range(reps)]
+    return [time_once(bank.update, bank_name, ids[i % len(ids)], values[i % len(values)]) for i in range(reps)]

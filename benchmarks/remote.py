@@ -17,13 +17,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from benchmarks.workloads import Workload, make_queries, make_update_ids
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 SERVER_START_TIMEOUT_S = 120.0
 CLIENT_TIMEOUT_S = 600.0  # one imagenet-512 request takes seconds; coalesced ones longer
@@ -66,7 +70,7 @@ class Server:
                 self.process.wait()
         self._dir.cleanup()
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -171,7 +175,7 @@ class Fleet:
             if proc.is_alive():
                 proc.kill()
 
-    def __enter__(self) -> "Fleet":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

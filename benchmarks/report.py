@@ -191,8 +191,8 @@ def markdown(run: dict[str, Any], chart_name: str) -> str:
            f"- machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {m['os']}",
            "- libraries: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
            f"- git commit: {m['git']}; wall time of the run: {run['elapsed_s'] / 60:.1f} min",
-           f"- measured peak sgemm: **{peak['gflops']:.1f} GFLOP/s** ({peak['library']}, {peak['size']}^3, "
-           f"{peak['threads']} threads); a workload's compute bound is peak / (2 N D) queries/s", ""]
+           (f"- measured peak sgemm: **{peak['gflops']:.1f} GFLOP/s** ({peak['library']}, {peak['size']}^3, "
+            f"{peak['threads']} threads); a workload's compute bound is peak / (2 N D) queries/s"), ""]
     for r in results:
         w = r["workload"]
         out += [f"## {w['name']}: N = {w['rows']:,}, D = {w['dim']}, k = {w['k']}, B = {w['batch']}", "",
@@ -207,8 +207,8 @@ def markdown(run: dict[str, Any], chart_name: str) -> str:
         b, s = r["bank"], r["server"]
         one = s["clients"].get("1", {})
         out += ["", "| per request | in-process bank | server, 1 client |", "| --- | ---: | ---: |",
-                f"| knn_update p50 / p99 (ms) | {b['knn_update_ms']['p50_ms']:.1f} / {b['knn_update_ms']['p99_ms']:.1f} "
-                f"| {s['knn_update_ms']['p50_ms']:.1f} / {s['knn_update_ms']['p99_ms']:.1f} |",
+                (f"| knn_update p50 / p99 (ms) | {b['knn_update_ms']['p50_ms']:.1f} / {b['knn_update_ms']['p99_ms']:.1f} "
+                 f"| {s['knn_update_ms']['p50_ms']:.1f} / {s['knn_update_ms']['p99_ms']:.1f} |"),
                 f"| update (rows/s) | {b['update_rows_per_s']['median']:,.0f} | {s['update_rows_per_s']['median']:,.0f} |"]
         if "wire_p50_ms" in one:
             out.append(f"| knn: client p50 - server p50 (ms) | | {one['wire_p50_ms']:.2f} of {one['knn_ms']['p50_ms']:.1f} |")

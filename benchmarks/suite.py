@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +45,7 @@ def run_workload(workload: Workload, peak: Peak, settings: Settings, tick: Calla
     local.create(cfg.name, cfg.rows, cfg.dim, momentum=cfg.momentum, init=cfg.init, seed=cfg.seed)
     name = cfg.name
     rows = local.service.bank(name).rows_np  # the bank's live rows: every contender searches these
-    queries = make_queries(lambda ids: rows[ids], workload.rows, workload.batch, QUERY_BATCHES, settings.seed)
+    queries = make_queries(rows.__getitem__, workload.rows, workload.batch, QUERY_BATCHES, settings.seed)
     ids = make_update_ids(workload.rows, workload.batch, QUERY_BATCHES, settings.seed + 1)
     tick(f"{workload.name}: bank built")
     contenders = inprocess.methods(rows, workload.k, local, name)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import Any
 
 import numpy as np
-
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class Stats:
     n: int
 
     @classmethod
-    def of(cls, samples: Sequence[float]) -> "Stats":
+    def of(cls, samples: Sequence[float]) -> Stats:
         values = np.asarray(samples, dtype=np.float64)
         return cls(float(np.median(values)), float(values.min()), float(values.max()), int(values.size))
 
@@ -29,7 +29,7 @@ class Stats:
         """(high - low) / median: 0.1 means the repetitions lay within 10% of each other."""
         return (self.high - self.low) / self.median if self.median else 0.0
 
-    def scaled(self, factor: float) -> "Stats":
+    def scaled(self, factor: float) -> Stats:
         return Stats(self.median * factor, self.low * factor, self.high * factor, self.n)
 
     def to_json(self) -> dict[str, float]:
@@ -45,15 +45,15 @@ class Latency:
     n: int
 
     @classmethod
-    def of(cls, seconds: Sequence[float]) -> "Latency":
+    def of(cls, seconds: Sequence[float]) -> Latency:
         values = np.asarray(seconds, dtype=np.float64) * 1e3
         return cls(float(np.percentile(values, 50)), float(np.percentile(values, 99)), int(values.size))
 
 
-def time_once(fn: Callable[[], object]) -> float:
-    """Seconds one call of ``fn`` takes."""
+def time_once(fn: Callable[..., object], *args: Any) -> float:
+    """Seconds one call of ``fn(*args)`` takes."""
     start = time.perf_counter()
-    fn()
+    fn(*args)
     return time.perf_counter() - start
 
 

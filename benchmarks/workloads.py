@@ -7,8 +7,8 @@ bank rows plus noise, renormalised: like FGC features, each is close to its own 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import numpy as np
 
@@ -36,7 +36,7 @@ class Workload:
     def bank_bytes(self) -> int:
         return self.rows * self.dim * 4
 
-    def resized(self, max_rows: int | None = None, batch: int | None = None) -> "Workload":
+    def resized(self, max_rows: int | None = None, batch: int | None = None) -> Workload:
         """This workload with at most ``max_rows`` rows (never below k) and another batch size."""
         rows = self.rows if max_rows is None else max(self.k, min(self.rows, max_rows))
         return replace(self, rows=rows, batch=batch or self.batch)

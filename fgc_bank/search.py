@@ -40,6 +40,7 @@ to one shared pool, and scratch buffers belong to the pool threads.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import math
 import os
 import threading
@@ -145,7 +146,7 @@ class _Plan:
 def _plan(n: int, d: int, b: int, k: int) -> _Plan:
     threads = max(1, min(search_threads(), n // MIN_ROWS_PER_THREAD))
     cuts = [n * t // threads for t in range(threads + 1)]
-    bounds = tuple(zip(cuts[:-1], cuts[1:]))
+    bounds = tuple(itertools.pairwise(cuts))
     share = cuts[1]
     # ns per query and thread, beyond the GEMM, of each way to select (rough, see the constants)
     inserts = k * (1.0 + math.log(max(share / k, 1.0)))  # expected heap insertions
@@ -235,7 +236,7 @@ def _search_blocked(rows: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.n
     scores = np.empty((b, k), dtype=np.float32)
     ids = np.empty((b, k), dtype=np.int64)
     cuts = [b * t // len(found) for t in range(len(found) + 1)]
-    _run([(_finish, found, threshold, qa, qb, scores, ids) for qa, qb in zip(cuts[:-1], cuts[1:])])
+    _run([(_finish, found, threshold, qa, qb, scores, ids) for qa, qb in itertools.pairwise(cuts)])
     redo = np.flatnonzero(~(scores[:, -1] > threshold) | (ids[:, -1] < 0))
     if redo.size:  # the threshold was above these queries' k-th score: search them the plain way
         scores[redo], ids[redo] = _knn_ranges(rows, queries[redo], k, plan.bounds)
