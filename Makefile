@@ -22,7 +22,7 @@ demo: install
 	$(PY) -m trainer.demo
 
 bench: install
-	$(VENV)/bin/fgc-bank bench --workload cifar --workload imagenet-128 --workload imagenet-512 --out benchmarks/results
+	$(VENV)/bin/fgc-bank bench --out benchmarks
 
 bench-quick: install
 	$(VENV)/bin/fgc-bank bench --quick --out benchmarks/results-quick

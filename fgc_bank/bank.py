@@ -295,6 +295,12 @@ class MemoryBank:
         """Cut candidates (B, depth) to the top-k, dropping excluded ids and refreshing stale rows."""
         if stale is None and exclude is None:
             return KnnResult(np.ascontiguousarray(scores[:, :k]), np.ascontiguousarray(ids[:, :k]))
+        if stale is None:  # candidates are sorted: skip each query's own id where it appears
+            own = ids == exclude[:, None]
+            at = np.where(own.any(1), own.argmax(1), ids.shape[1])
+            take = np.arange(k)[None, :]
+            take = take + (take >= at[:, None])
+            return KnnResult(np.take_along_axis(scores, take, 1), np.take_along_axis(ids, take, 1))
         keep = np.ones(ids.shape, dtype=bool) if exclude is None else ids != exclude[:, None]
         short = np.zeros(ids.shape[0], dtype=bool)
         if stale is not None:

@@ -64,7 +64,7 @@ def main(log_level: str) -> None:
 @click.option("--workers", type=click.IntRange(1, 64), default=1,
               help="Bank worker threads; each bank is served by one, in order.")
 @click.option("--faiss-threads", type=click.IntRange(0, 1024), default=0,
-              help="OpenMP threads per FAISS search; 0 uses every core.")
+              help="Search threads, each running torch and FAISS single-threaded; 0 = one per core.")
 @click.option("--max-queue", type=click.IntRange(1, 1 << 20), default=1024,
               help="Requests queued per worker before the server answers 'busy'.")
 @click.option("--max-batch", type=click.IntRange(1, 1 << 24), default=65536,
