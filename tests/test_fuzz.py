@@ -145,8 +145,8 @@ def test_fuzzed_server_answers_everything_keeps_memory_bounded_and_stays_exact(t
         sock.close()
         assert answered == MESSAGES
         assert len(codes) >= 10, codes  # the fuzzer reached many different checks
-        print(f"fuzzed {answered} messages; error codes {codes}")
         growth_mib = (rss_kib(proc.pid) - rss_start) / 1024
+        print(f"fuzzed {answered} messages; error codes {codes}; server RSS grew {growth_mib:.1f} MiB")
         assert growth_mib < 100, f"server memory grew {growth_mib:.0f} MiB under fuzzing"
         with connect(address) as bank:
             rows = bank.gather("fuzz", np.arange(ROWS))
