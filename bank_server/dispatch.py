@@ -13,8 +13,9 @@ import queue
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from fgc_bank.errors import BankError, ErrorCode
 from fgc_bank.protocol import Reply, Request

@@ -19,13 +19,20 @@ from typing import Any
 
 import zmq
 
+from bank_server import snapshot as snapshots
 from bank_server.dedup import MUTATING_OPS, RecentRequests, Seen
 from bank_server.dispatch import Dispatcher, Job
 from bank_server.metrics import ServerMetrics
-from bank_server import snapshot as snapshots
 from fgc_bank.errors import BankError, ErrorCode
-from fgc_bank.protocol import (MAX_FRAME_BYTES, MAX_HEADER_BYTES, Reply, Request, decode_request,
-                               encode_reply, peek_request_id)
+from fgc_bank.protocol import (
+    MAX_FRAME_BYTES,
+    MAX_HEADER_BYTES,
+    Reply,
+    Request,
+    decode_request,
+    encode_reply,
+    peek_request_id,
+)
 from fgc_bank.search import set_threads
 from fgc_bank.service import BankService, Limits
 

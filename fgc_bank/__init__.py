@@ -6,6 +6,6 @@
 
 __version__ = "0.1.0"
 
-from fgc_bank.api import connect  # noqa: E402
+from fgc_bank.api import connect
 
-__all__ = ["connect", "__version__"]
+__all__ = ["__version__", "connect"]

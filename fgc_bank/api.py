@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import abc
 import concurrent.futures
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -48,13 +49,13 @@ class BankHandle(abc.ABC):
     timeout: float = DEFAULT_TIMEOUT_S
 
     @abc.abstractmethod
-    def _submit(self, request: Request, decode: Callable[[Reply], T]) -> "concurrent.futures.Future[T]":
+    def _submit(self, request: Request, decode: Callable[[Reply], T]) -> concurrent.futures.Future[T]:
         """Send ``request``; the future resolves to ``decode(reply)`` or raises its BankError."""
 
     def _call(self, request: Request, decode: Callable[[Reply], T]) -> T:
         return self._submit(request, decode).result()
 
-    def __enter__(self) -> "BankHandle":
+    def __enter__(self) -> BankHandle:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -86,7 +87,7 @@ class BankHandle(abc.ABC):
         """Config and counters of bank ``name``."""
         return self._call(Request("info", name), lambda r: r.result)
 
-    def update_async(self, name: str, ids: Any, rows: Any, *, mode: str = "momentum") -> "concurrent.futures.Future[int]":
+    def update_async(self, name: str, ids: Any, rows: Any, *, mode: str = "momentum") -> concurrent.futures.Future[int]:
         """Write ``rows`` (B, D) into ``ids`` (B,): FGC's momentum rule, or ``mode="overwrite"``.
         Resolves to the bank's version (update count) after this update."""
         request = Request("update", name, {"mode": mode}, {"ids": as_ids(ids), "rows": as_rows(rows)})
@@ -96,7 +97,7 @@ class BankHandle(abc.ABC):
         """Blocking :meth:`update_async`; returns the bank's version after the update."""
         return self.update_async(name, ids, rows, mode=mode).result()
 
-    def knn_async(self, name: str, queries: Any, k: int, *, exclude: Any = None) -> "concurrent.futures.Future[KnnResult]":
+    def knn_async(self, name: str, queries: Any, k: int, *, exclude: Any = None) -> concurrent.futures.Future[KnnResult]:
         """Top-k rows by inner product for each query (B, D); ``exclude`` (B,) drops one id each."""
         arrays = {"queries": as_rows(queries)}
         if exclude is not None:
@@ -107,7 +108,7 @@ class BankHandle(abc.ABC):
         """Blocking :meth:`knn_async`."""
         return self.knn_async(name, queries, k, exclude=exclude).result()
 
-    def knn_update_async(self, name: str, ids: Any, features: Any, k: int) -> "concurrent.futures.Future[KnnResult]":
+    def knn_update_async(self, name: str, ids: Any, features: Any, k: int) -> concurrent.futures.Future[KnnResult]:
         """FGC's step: top-k of ``features`` against the rows as they were (own id excluded), then
         the momentum update of rows ``ids``. Issue it as soon as the features exist; collect later."""
         arrays = {"ids": as_ids(ids), "features": as_rows(features)}

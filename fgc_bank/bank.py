@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence, Union
 
 import numpy as np
 import torch
@@ -104,7 +104,7 @@ class SearchUpdate:
     k: int
 
 
-Op = Union[Search, Update, SearchUpdate]
+Op = Search | Update | SearchUpdate
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,10 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import zmq
 import zmq.auth
@@ -99,7 +100,7 @@ class BankClient(BankHandle):
         self._thread = threading.Thread(target=self._run, name=f"fgc-bank-client {address}", daemon=True)
         self._thread.start()
 
-    def _submit(self, request: Request, decode: Callable[[Reply], T]) -> "concurrent.futures.Future[T]":
+    def _submit(self, request: Request, decode: Callable[[Reply], T]) -> concurrent.futures.Future[T]:
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         request.id = next(self._ids)
         request.client = self.client_id

@@ -45,7 +45,7 @@ class BankError(Exception):
         return {"code": self.code.value, "message": self.message}
 
     @classmethod
-    def from_wire(cls, error: object) -> "BankError":
+    def from_wire(cls, error: object) -> BankError:
         """Rebuild an error from a reply header; unknown codes become INTERNAL rather than crash."""
         if not isinstance(error, dict):
             return cls(ErrorCode.BAD_MESSAGE, f"server sent a malformed error: {error!r:.200}")

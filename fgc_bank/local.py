@@ -7,7 +7,8 @@ request the server would refuse is refused here too, with the same error.
 from __future__ import annotations
 
 import concurrent.futures
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from fgc_bank.api import DEFAULT_TIMEOUT_S, BankHandle
 from fgc_bank.errors import BankError, BankUnavailable
@@ -26,7 +27,7 @@ class LocalBank(BankHandle):
         self.service: BankService | None = BankService(limits)
         self._next_id = 0
 
-    def _submit(self, request: Request, decode: Callable[[Reply], T]) -> "concurrent.futures.Future[T]":
+    def _submit(self, request: Request, decode: Callable[[Reply], T]) -> concurrent.futures.Future[T]:
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         try:
             if self.service is None:

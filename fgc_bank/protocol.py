@@ -16,8 +16,9 @@ little-endian). ``docs/protocol.md`` describes each operation; a test checks it 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -108,7 +109,7 @@ class Reply:
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     error: BankError | None = None
 
-    def unwrap(self) -> "Reply":
+    def unwrap(self) -> Reply:
         """Return self, or raise the error it carries."""
         if self.error is not None:
             raise self.error

@@ -9,10 +9,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
-
-import numpy as np
+from typing import Any
 
 from fgc_bank import __version__
 from fgc_bank.bank import BankConfig, MemoryBank, Op, OpResult, Search, SearchUpdate, Update

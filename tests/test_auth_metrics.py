@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import TIME_FACTOR, start_server, stop_server
+
 from fgc_bank import connect
 from fgc_bank.cli import main
 from fgc_bank.errors import BankError, BankTimeout, ErrorCode
@@ -44,13 +44,11 @@ def test_curve_server_serves_keyed_clients_and_refuses_the_rest(keys: Path, tmp_
                      curve_server=keys / "server.key") as trainer:
             trainer.create("secure", 100, 4)
             assert trainer.knn("secure", np.ones((1, 4), np.float32), 3).ids.shape == (1, 3)
-        with connect(address, timeout=1.0) as anonymous:
-            with pytest.raises(BankTimeout):
-                anonymous.hello()
+        with connect(address, timeout=1.0) as anonymous, pytest.raises(BankTimeout):
+            anonymous.hello()
         with connect(address, timeout=1.0, curve_secret=keys / "stranger.key_secret",
-                     curve_server=keys / "server.key") as stranger:
-            with pytest.raises(BankTimeout):
-                stranger.hello()
+                     curve_server=keys / "server.key") as stranger, pytest.raises(BankTimeout):
+            stranger.hello()
         result = CliRunner().invoke(main, ["info", address, "--curve-secret", str(keys / "trainer.key_secret"),
                                            "--curve-server", str(keys / "server.key")])
         assert result.exit_code == 0 and "secure" in result.output, result.output

@@ -9,8 +9,8 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import zmq
-
 from conftest import TIME_FACTOR, start_server, stop_server
+
 from fgc_bank import connect
 from fgc_bank.protocol import Request, encode_request
 

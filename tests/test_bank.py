@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import assert_same_knn, brute_force_knn, momentum_oracle
+
 from fgc_bank.bank import BankConfig, MemoryBank, Search, SearchUpdate, Update, momentum_update_
 from fgc_bank.errors import BankError, ErrorCode
 

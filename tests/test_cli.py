@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import TIME_FACTOR, start_server
+
 from fgc_bank import connect
 from fgc_bank.cli import main
 

@@ -12,7 +12,7 @@ from fgc_bank import connect
 ROWS, DIM, SHARED = 2000, 16, 64  # ids < SHARED are written by every process
 
 
-def writer(address: str, worker: int, steps: int, out: "mp.Queue") -> None:
+def writer(address: str, worker: int, steps: int, out: mp.Queue) -> None:
     rng = np.random.default_rng(100 + worker)
     own = np.arange(SHARED + worker * 300, SHARED + (worker + 1) * 300)  # disjoint per process
     log = []

@@ -10,8 +10,8 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import zmq
-
 from conftest import TIME_FACTOR, assert_same_knn, brute_force_knn, start_server, stop_server
+
 from fgc_bank import connect
 from fgc_bank.errors import ErrorCode
 from fgc_bank.protocol import OPS, PROTOCOL_VERSION

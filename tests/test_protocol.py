@@ -10,8 +10,16 @@ import numpy as np
 import pytest
 
 from fgc_bank.errors import BankError, ErrorCode
-from fgc_bank.protocol import (OPS, PROTOCOL_VERSION, Reply, Request, decode_reply, decode_request,
-                               encode_reply, encode_request)
+from fgc_bank.protocol import (
+    OPS,
+    PROTOCOL_VERSION,
+    Reply,
+    Request,
+    decode_reply,
+    decode_request,
+    encode_reply,
+    encode_request,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,7 +110,7 @@ def test_malformed_requests_get_stable_codes(frames: list, code: ErrorCode) -> N
 
 def test_protocol_doc_lists_every_op() -> None:
     doc = (ROOT / "docs" / "protocol.md").read_text()
-    documented = set(re.findall(r"^\| `(\w+)` \|", doc, flags=re.M))
+    documented = set(re.findall(r"^\| `(\w+)` \|", doc, flags=re.MULTILINE))
     codes = {c.value for c in ErrorCode}
     assert documented - codes == set(OPS), "docs/protocol.md and protocol.OPS disagree"
     assert codes <= documented, f"undocumented error codes: {codes - documented}"

@@ -9,8 +9,8 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-
 from conftest import TIME_FACTOR, assert_same_knn, brute_force_knn, start_server, stop_server
+
 from fgc_bank import connect
 from fgc_bank.errors import BankError, BankTimeout, ErrorCode
 from fgc_bank.protocol import PROTOCOL_VERSION, Request, encode_request

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TIME_FACTOR, start_server, stop_server
 
 from bank_server import snapshot as snapshots
 from bank_server.dedup import RecentRequests
-from conftest import TIME_FACTOR, start_server, stop_server
 from fgc_bank import connect
 from fgc_bank.bank import BankConfig, MemoryBank, Update
 from fgc_bank.errors import BankError, ErrorCode
@@ -177,8 +176,9 @@ def test_kill_9_then_restart_loses_nothing_acknowledged_before_the_last_snapshot
 
 def test_a_retried_update_is_applied_once(server: str) -> None:
     """The same (client id, request id) sent twice: the second is answered, not applied."""
-    from fgc_bank.protocol import Request, decode_reply, encode_request
     import zmq
+
+    from fgc_bank.protocol import Request, decode_reply, encode_request
 
     with connect(server) as bank, connect("local://") as mirror:
         for b in (bank, mirror):
