@@ -4,7 +4,6 @@ a numpy oracle), the replicated gate bank's update, and bank set-up errors."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -17,14 +16,7 @@ from trainer.distributed import DistContext
 from trainer.errors import TrainerError
 from trainer.models import build_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small tensors gain nothing from intra-op threads, and the bank server shares the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SIZE, BATCH, K, STEPS = 96, 16, 5, 6

@@ -157,7 +157,8 @@ def _opt(*decls: str, param: str, **kwargs: Any) -> Any:
       help="Cap on training steps per epoch (0: none); for smoke runs.")
 @_opt("--progress/--no-progress", param="progress", help="tqdm progress bars on rank 0.")
 @_opt("--save-feature-banks/--no-save-feature-banks", param="save_feature_banks",
-      help="Copy the feature banks' rows into checkpoints, so a resume restores them.")
+      help="Copy the feature banks' rows into checkpoints when the bank server keeps no snapshots "
+           "(with --snapshot-dir the checkpoint records a paired snapshot instead).")
 @_opt("--dump-gate-banks/--no-dump-gate-banks", param="dump_gate_banks",
       help="At the end, each rank saves its gate bank to OUT_DIR/gate_bank.rankR.pt.")
 @click.option("--resume", type=click.Path(dir_okay=False),
