@@ -83,11 +83,8 @@ def text_table(results: list[dict[str, Any]], peak: dict[str, Any]) -> str:
         lines.append(f"{w['name']}: N={w['rows']:,} D={w['dim']} k={w['k']} B={w['batch']}  "
                      f"compute bound {r['bound_qps']:,.0f} q/s")
         lines.append(f"  {'contender':<18} {'queries/s':>11} {'spread':>7} {'x bound':>8} {'x search':>9} {'x faiss':>8}")
-        for key in contenders(r):
-            stats = qps_stats(r, key)
-            q = stats["median"]
-            lines.append(f"  {key:<18} {q:>11,.0f} {_spread(stats):>7} {q / r['bound_qps']:>8.3f} "
-                         f"{q / qps_of(r, 'search'):>9.3f} {q / qps_of(r, 'faiss-default'):>8.2f}")
+        for key, q, spread, x_bound, x_search, x_faiss in contender_rows(r):
+            lines.append(f"  {key:<18} {q:>11,.0f} {spread:>7} {x_bound:>8.3f} {x_search:>9.3f} {x_faiss:>8.2f}")
         b, s = r["bank"], r["server"]
         lines.append(f"  knn_update p50/p99 ms: in-process {b['knn_update_ms']['p50_ms']:.1f}/{b['knn_update_ms']['p99_ms']:.1f}"
                      f", server {s['knn_update_ms']['p50_ms']:.1f}/{s['knn_update_ms']['p99_ms']:.1f}")
@@ -102,6 +99,18 @@ def text_table(results: list[dict[str, Any]], peak: dict[str, Any]) -> str:
         goal = "" if c.goal is None else f" (goal >= {c.goal:g})"
         lines.append(f"  {c.workload:<13} {c.what:<52} {c.value:7.3f}{goal:<16} {c.verdict}")
     return "\n".join(lines)
+
+
+def contender_rows(result: dict[str, Any]) -> list[tuple[str, float, str, float, float, float]]:
+    """One row per contender, for both tables: name, queries/s, spread, and its ratios to the
+    compute bound, to fgc-bank's raw search and to FAISS's defaults."""
+    rows = []
+    for key in contenders(result):
+        stats = qps_stats(result, key)
+        q = stats["median"]
+        rows.append((key, q, _spread(stats), q / result["bound_qps"], q / qps_of(result, "search"),
+                     q / qps_of(result, "faiss-default")))
+    return rows
 
 
 def _spread(stats: dict[str, float]) -> str:
@@ -199,11 +208,8 @@ def markdown(run: dict[str, Any], chart_name: str) -> str:
                 f"Compute bound: {r['bound_qps']:,.0f} queries/s.", "",
                 "| contender | queries/s | spread | x bound | x search | x FAISS default |",
                 "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        for key in contenders(r):
-            stats = qps_stats(r, key)
-            q = stats["median"]
-            out.append(f"| {key} | {q:,.0f} | {_spread(stats)} | {q / r['bound_qps']:.3f} | "
-                       f"{q / qps_of(r, 'search'):.3f} | {q / qps_of(r, 'faiss-default'):.2f} |")
+        for key, q, spread, x_bound, x_search, x_faiss in contender_rows(r):
+            out.append(f"| {key} | {q:,.0f} | {spread} | {x_bound:.3f} | {x_search:.3f} | {x_faiss:.2f} |")
         b, s = r["bank"], r["server"]
         one = s["clients"].get("1", {})
         out += ["", "| per request | in-process bank | server, 1 client |", "| --- | ---: | ---: |",
