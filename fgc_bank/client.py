@@ -38,6 +38,7 @@ from fgc_bank.protocol import Reply, Request, decode_reply, encode_request
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+UNSENT_RETRY_S = 0.05  # how soon a request that could not be queued for sending is tried again
 
 
 @dataclass
@@ -48,6 +49,7 @@ class _Pending:
     decode: Callable[[Reply], Any]
     deadline: float
     retry_at: float
+    sent: bool = False  # handed to ZeroMQ at least once
 
 
 class BankClient(BankHandle):
@@ -173,7 +175,11 @@ class BankClient(BankHandle):
                     disconnected = self._connection_event(pending, disconnected)
                 self._expire(pending)
                 now = time.monotonic()
-                self._resend([p for p in pending.values() if p.retry_at <= now], "no reply yet")
+                due = [p for p in pending.values() if p.retry_at <= now]
+                self._resend([p for p in due if p.sent], "no reply yet")
+                for item in due:
+                    if not item.sent:
+                        self._send(item)  # it never left: try again, quietly
         finally:
             error = BankUnavailable(f"client for {self.address} was closed before the reply came")
             for item in [*pending.values(), *self._outbox]:
@@ -188,7 +194,7 @@ class BankClient(BankHandle):
                     return
                 item = self._outbox.popleft()
             pending[item.request.id] = item
-            self._socket.send_multipart(item.frames, copy=False)
+            self._send(item)
 
     def _receive(self, pending: dict[int, _Pending]) -> None:
         while True:
@@ -238,11 +244,20 @@ class BankClient(BankHandle):
         if not items:
             return
         logger.info("%s to %s: resending %d request(s)", why, self.address, len(items))
-        retry_at = time.monotonic() + self.retry_interval
         for item in items:
-            item.retry_at = retry_at
             self.resends += 1
-            self._socket.send_multipart(item.frames, copy=False)
+            self._send(item)
+
+    def _send(self, item: _Pending) -> None:
+        """Send without ever blocking this thread: a DEALER with no live peer (a server that is
+        down, or a handshake refused) would block a plain send forever. An unsent request stays
+        pending and is tried again shortly; its deadline still ends it."""
+        try:
+            self._socket.send_multipart(item.frames, zmq.NOBLOCK, copy=False)
+            item.sent = True
+            item.retry_at = time.monotonic() + self.retry_interval
+        except zmq.Again:
+            item.retry_at = time.monotonic() + UNSENT_RETRY_S
 
     def _close_sockets(self) -> None:
         self._socket.disable_monitor()
