@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from fgc_bank.errors import BankError, ErrorCode
+from fgc_bank.prefilter import Bf16Rows, bf16_is_fast
 from fgc_bank.search import search_inner_product
 
 logger = logging.getLogger(__name__)
@@ -71,10 +72,16 @@ class BankConfig:
             raise BankError(ErrorCode.BAD_ARGUMENT, f"dtype {self.dtype!r} is not supported; use float32")
         if not 0 <= self.seed < 2**63:
             raise BankError(ErrorCode.BAD_ARGUMENT, f"seed must be in [0, 2^63), got {self.seed}")
-        size = self.rows * self.dim * 4
+        size = self.rows * self.dim * bytes_per_value()
         if size > max_bytes:
             raise BankError(ErrorCode.TOO_LARGE, f"bank {self.name!r} would take {size / 2**30:.2f} GiB "
-                            f"({self.rows} x {self.dim} float32); this server's limit is {max_bytes / 2**30:.2f} GiB")
+                            f"({self.rows} x {self.dim} float32{' and its bfloat16 copy' if bf16_is_fast() else ''}); "
+                            f"this server's limit is {max_bytes / 2**30:.2f} GiB")
+
+
+def bytes_per_value() -> int:
+    """Memory per bank value: float32, plus the bfloat16 copy on CPUs that search with it."""
+    return 6 if bf16_is_fast() else 4
 
 
 @dataclass(frozen=True)
@@ -131,7 +138,12 @@ class OpResult:
 
 
 class MemoryBank:
-    """N x D float32 rows with a momentum update and exact inner-product search."""
+    """N x D float32 rows with a momentum update and exact inner-product search.
+
+    On CPUs with native bfloat16 (``prefilter.bf16_is_fast``) the bank also keeps a bfloat16 copy
+    of its rows, refreshed wherever rows are written (:meth:`_apply_update`, under the lock), which
+    the search uses to find candidates before it ranks them in float32.
+    """
 
     def __init__(self, config: BankConfig, rows: torch.Tensor | None = None) -> None:
         self.config = config
@@ -140,6 +152,7 @@ class MemoryBank:
             raise BankError(ErrorCode.BANK_MISMATCH, f"rows of shape {tuple(self.rows.shape)} "
                             f"do not fit bank {config.name!r} ({config.rows} x {config.dim} float32)")
         self.rows_np = self.rows.numpy()  # shares memory: FAISS searches the live rows
+        self.low = Bf16Rows(self.rows_np) if bf16_is_fast() else None
         self.counters = {"updates": 0, "rows_updated": 0, "searches": 0, "queries": 0,
                          "coalesced_calls": 0}
         self.lock = threading.Lock()
@@ -251,7 +264,7 @@ class MemoryBank:
             depth = self._depth(searches, changes)
             queries = np.concatenate([self._queries(op) for op in searches]) if len(searches) > 1 \
                 else self._queries(searches[0])
-            scores, ids = search_inner_product(self.rows_np, queries, depth)
+            scores, ids = search_inner_product(self.rows_np, queries, depth, self.low)
             self.counters["searches"] += len(searches)
             self.counters["queries"] += queries.shape[0]
             self.counters["coalesced_calls"] += 1
@@ -321,7 +334,7 @@ class MemoryBank:
         return KnnResult(top_scores, top_ids)
 
     def _search_one(self, query: np.ndarray, k: int, exclude: int | None) -> tuple[np.ndarray, np.ndarray]:
-        scores, ids = search_inner_product(self.rows_np, query[None], min(k + 1, self.config.rows))
+        scores, ids = search_inner_product(self.rows_np, query[None], min(k + 1, self.config.rows), self.low)
         keep = ids[0] != (-2 if exclude is None else exclude)
         return scores[0][keep][:k], ids[0][keep][:k]
 
@@ -331,5 +344,7 @@ class MemoryBank:
         else:
             momentum_update_(self.rows, torch.from_numpy(np.array(ids, dtype=np.int64)),
                              torch.from_numpy(np.array(values, dtype=np.float32)), self.config.momentum)
+        if self.low is not None:
+            self.low.refresh(ids)
         self.counters["updates"] += 1
         self.counters["rows_updated"] += int(ids.shape[0])

@@ -50,6 +50,8 @@ import faiss
 import numpy as np
 import torch
 
+from fgc_bank.prefilter import Bf16Rows, margin, threshold_bits
+
 SCORES_PER_CHUNK = 1 << 20  # threshold strategy: one thread's (c, B) score buffer, 4 MB
 HEAP_SCORES_PER_CHUNK = 1 << 19  # heap strategy: one thread's (B, c) score buffer, 2 MB
 MIN_ROWS_PER_THREAD = 4096  # below this a thread's share is not worth the hand-off
@@ -62,6 +64,10 @@ SAMPLE_ROW_NS = 0.6  # one sampled score through the group maximum and topk, bey
 FLOP_NS = 0.011  # one flop of a single-threaded sgemm
 SAMPLE_GROUP = 8  # sample scores per group whose maximum stands for them in the threshold
 THRESHOLD_SCAN_NS = 0.45  # one score through compare + flatnonzero
+BF16_FLOP_NS = 0.0047  # one flop of a single-threaded bfloat16 GEMM (AVX512-BF16)
+BF16_SCAN_NS = 0.3  # one bfloat16 score through the int16 compare + flatnonzero
+RESCORE_NS = 6.0  # one candidate scored again in float32 (faiss.pairwise_indexed_inner_product)
+MAX_BF16_SCALE = 1e30  # |q| max|r| beyond this could overflow bfloat16 sums: search in float32
 HEAP_SCAN_NS = 0.3  # one score through a FAISS heap's compare
 HEAP_INSERT_NS, HEAP_LEVEL_NS = 10.0, 6.0  # one heap insertion: fixed + per level of the heap
 
@@ -95,7 +101,8 @@ def search_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def search_inner_product(rows: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def search_inner_product(rows: np.ndarray, queries: np.ndarray, k: int,
+                         low: Bf16Rows | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k rows by inner product with each query, exact.
 
     Parameters
@@ -103,6 +110,8 @@ def search_inner_product(rows: np.ndarray, queries: np.ndarray, k: int) -> tuple
     rows : (N, D) float32, C-contiguous; searched in place, never copied.
     queries : (B, D) float32.
     k : 1 <= k <= N.
+    low : a bfloat16 copy of ``rows`` kept in step with them (``fgc_bank.prefilter``): candidates
+        are then found in bfloat16 and ranked in float32, with the same answer.
 
     Returns
     -------
@@ -121,9 +130,11 @@ def search_inner_product(rows: np.ndarray, queries: np.ndarray, k: int) -> tuple
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         return _knn_ranges(rows, queries, k, _plan(n, rows.shape[1], b, k).bounds)
     if b > MAX_BATCH:
-        parts = [search_inner_product(rows, queries[i:i + MAX_BATCH], k) for i in range(0, b, MAX_BATCH)]
+        parts = [search_inner_product(rows, queries[i:i + MAX_BATCH], k, low) for i in range(0, b, MAX_BATCH)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-    return _search_blocked(rows, queries, k)
+    if low is not None and low.source is not rows:
+        raise ValueError("low must be the bfloat16 copy of these very rows (Bf16Rows(rows))")
+    return _search_blocked(rows, queries, k, low)
 
 
 def _torch_can_share(rows: np.ndarray) -> bool:
@@ -141,23 +152,26 @@ class _Plan:
     chunk: int
     stride: int  # threshold strategy: the sample is every stride-th row
     rank: int  # threshold strategy: the threshold is the rank-th best sample score; 0: heaps
+    bf16: bool = False  # threshold strategy: scan the bfloat16 copy, rescore candidates in float32
 
 
-def _plan(n: int, d: int, b: int, k: int) -> _Plan:
+def _plan(n: int, d: int, b: int, k: int, bf16: bool = False) -> _Plan:
     threads = max(1, min(search_threads(), n // MIN_ROWS_PER_THREAD))
     cuts = [n * t // threads for t in range(threads + 1)]
     bounds = tuple(itertools.pairwise(cuts))
     share = cuts[1]
-    # ns per query and thread, beyond the GEMM, of each way to select (rough, see the constants)
+    # ns per query and thread of each way to score and select (rough, see the constants)
     inserts = k * (1.0 + math.log(max(share / k, 1.0)))  # expected heap insertions
-    heap_ns = share * HEAP_SCAN_NS + inserts * (HEAP_INSERT_NS + HEAP_LEVEL_NS * math.log2(k + 1))
-    sample_ns, stride, rank = _threshold_sample(n, d, k)
-    if heap_ns <= share * THRESHOLD_SCAN_NS + sample_ns / threads:
+    heap_ns = share * (2 * d * FLOP_NS + HEAP_SCAN_NS) \
+        + inserts * (HEAP_INSERT_NS + HEAP_LEVEL_NS * math.log2(k + 1))
+    sample_ns, stride, rank = _threshold_sample(n, d, k, RESCORE_NS if bf16 else 0.0)
+    scan_ns = share * (2 * d * BF16_FLOP_NS + BF16_SCAN_NS if bf16 else 2 * d * FLOP_NS + THRESHOLD_SCAN_NS)
+    if heap_ns <= scan_ns + sample_ns / threads:
         return _Plan(bounds, max(64, min(share, HEAP_SCORES_PER_CHUNK // b)), 0, 0)
-    return _Plan(bounds, max(64, min(share, SCORES_PER_CHUNK // b)), stride, rank)
+    return _Plan(bounds, max(64, min(share, SCORES_PER_CHUNK // b)), stride, rank, bf16)
 
 
-def _threshold_sample(n: int, d: int, k: int) -> tuple[float, int, int]:
+def _threshold_sample(n: int, d: int, k: int, rescore_ns: float = 0.0) -> tuple[float, int, int]:
     """(ns per query, stride, rank) of the cheapest threshold sample for top-k of n rows."""
     best: tuple[float, int, int] = (math.inf, n, 0)
     for stride in (8, 16, 32, 64, 128, 256, 512, 1024):
@@ -166,7 +180,7 @@ def _threshold_sample(n: int, d: int, k: int) -> tuple[float, int, int]:
         if rank > sample // 4:
             break
         # ns per query: the sample (GEMM, group maxima, partition), then ~rank * stride candidates
-        cost = sample * (2 * d * FLOP_NS + SAMPLE_ROW_NS) + CANDIDATE_NS * rank * stride
+        cost = sample * (2 * d * FLOP_NS + SAMPLE_ROW_NS) + (CANDIDATE_NS + rescore_ns) * rank * stride
         if cost < best[0]:
             best = (cost, stride, rank)
     return best
@@ -221,8 +235,9 @@ def _run(tasks: list[tuple]) -> list:
     return [future.result() for future in futures]
 
 
-def _search_blocked(rows: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    plan = _plan(rows.shape[0], rows.shape[1], queries.shape[0], k)
+def _search_blocked(rows: np.ndarray, queries: np.ndarray, k: int,
+                    low: Bf16Rows | None) -> tuple[np.ndarray, np.ndarray]:
+    plan = _plan(rows.shape[0], rows.shape[1], queries.shape[0], k, low is not None)
     rows_t, queries_t = torch.from_numpy(rows), torch.from_numpy(queries)
     if not plan.rank:
         parts = _run([(_heap_range, rows_t, queries_t, k, lo, hi, plan.chunk) for lo, hi in plan.bounds])
@@ -232,7 +247,13 @@ def _search_blocked(rows: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.n
     pooled = np.concatenate(samples, axis=1)  # (B, threads * rank)
     column = pooled.shape[1] - plan.rank  # the rank-th best of all threads' samples
     threshold = np.ascontiguousarray(np.partition(pooled, column, axis=1)[:, column])
-    found = _run([(_scan, rows_t, queries_t, threshold, lo, hi, plan) for lo, hi in plan.bounds])
+    bits = _bf16_bits(queries, threshold, low) if plan.bf16 else None
+    if bits is None:
+        found = _run([(_scan, rows_t, queries_t, threshold, lo, hi, plan) for lo, hi in plan.bounds])
+    else:
+        queries16 = queries_t.to(torch.bfloat16)
+        found = _run([(_scan_bf16, rows, low.rows, queries, queries16, threshold, bits, lo, hi, plan)
+                      for lo, hi in plan.bounds])
     scores = np.empty((b, k), dtype=np.float32)
     ids = np.empty((b, k), dtype=np.int64)
     cuts = [b * t // len(found) for t in range(len(found) + 1)]
@@ -340,10 +361,55 @@ def _scan(rows: torch.Tensor, queries: torch.Tensor, threshold: np.ndarray, lo: 
         found_v.append(flat[hits])
         found_q.append(hits % b)
         found_r.append(hits // b + j0)
+    return _group(b, found_q, found_v, found_r)
+
+
+def _group(b: int, found_q: list[np.ndarray], found_v: list[np.ndarray],
+           found_r: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates (query, score, row) of a thread's chunks -> (counts (B,), keys grouped by query)."""
     query = np.concatenate(found_q)
     order = np.argsort(query.astype(np.int16 if b <= 32767 else np.int32), kind="stable")  # radix
     keys = _pack(np.concatenate(found_v), np.concatenate(found_r))[order]
     return np.bincount(query, minlength=b), keys
+
+
+def _bf16_bits(queries: np.ndarray, threshold: np.ndarray, low: Bf16Rows) -> np.ndarray | None:
+    """The bfloat16 bound each query's candidates must reach (None: search in float32)."""
+    norms = np.linalg.norm(queries, axis=1)
+    max_row = low.max_norm()
+    if not max_row * float(norms.max(initial=0.0)) < MAX_BF16_SCALE:
+        return None
+    return threshold_bits(threshold.astype(np.float64) - margin(norms, max_row, queries.shape[1]))
+
+
+def _scan_bf16(rows: np.ndarray, rows16: torch.Tensor, queries: np.ndarray, queries16: torch.Tensor,
+               threshold: np.ndarray, bits: np.ndarray, lo: int, hi: int,
+               plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_scan` with bfloat16 scores as the filter: every row whose float32 score beats a
+    query's threshold has a bfloat16 score at or above ``bits`` (``fgc_bank.prefilter``); those
+    rows are scored again in float32 while they are still in cache, and kept if they beat it."""
+    b, d = queries.shape
+    low = _scratch("scores16", plan.chunk * b, torch.bfloat16)
+    low_bits = low.view(torch.int16).numpy()
+    mask = _scratch("mask", plan.chunk * b, torch.bool).numpy()
+    above = np.ascontiguousarray(bits)[None, :]
+    queries16_t = queries16.T  # (D, B) view
+    found_q, found_v, found_r = [], [], []
+    for j0 in range(lo, hi, plan.chunk):
+        n = min(plan.chunk, hi - j0)
+        torch.mm(rows16[j0:j0 + n], queries16_t, out=low[:n * b].view(n, b))  # (n, B)
+        np.greater_equal(low_bits[:n * b].reshape(n, b), above, out=mask[:n * b].reshape(n, b))
+        hits = np.flatnonzero(mask[:n * b])
+        row, query = np.divmod(hits, b)
+        row += j0
+        exact = np.empty(hits.size, dtype=np.float32)
+        faiss.pairwise_indexed_inner_product(d, hits.size, faiss.swig_ptr(queries), faiss.swig_ptr(query),
+                                             faiss.swig_ptr(rows), faiss.swig_ptr(row), faiss.swig_ptr(exact))
+        keep = exact > threshold[query]
+        found_v.append(exact[keep])
+        found_q.append(query[keep])
+        found_r.append(row[keep])
+    return _group(b, found_q, found_v, found_r)
 
 
 def _finish(found: list[tuple[np.ndarray, np.ndarray]], threshold: np.ndarray, qa: int, qb: int,

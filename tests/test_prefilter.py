@@ -1,0 +1,186 @@
+"""The bfloat16 prefilter: its error bound holds, its thresholds round the right way, and a search
+that uses it returns the float32 brute-force answer (oracle: float64 numpy) on any CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fgc_bank import search
+from fgc_bank.bank import BankConfig, MemoryBank, Search, SearchUpdate, Update
+from fgc_bank.prefilter import Bf16Rows, margin, threshold_bits
+from fgc_bank.search import search_inner_product
+from tests.test_search import assert_exact, make_bank, make_queries
+
+
+def spy_on_bf16_scans(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the chunks scanned in bfloat16, so a test knows the prefilter really ran."""
+    calls: list[int] = []
+    scan = search._scan_bf16
+
+    def counted(*args: object) -> tuple[np.ndarray, np.ndarray]:
+        calls.append(1)
+        return scan(*args)
+
+    monkeypatch.setattr(search, "_scan_bf16", counted)
+    return calls
+
+
+@pytest.mark.parametrize("d", [1, 7, 64, 512])
+def test_margin_bounds_every_bf16_score(d: int) -> None:
+    """|bf16 GEMM score - exact score| stays under the margin for rows of very different norms."""
+    rng = np.random.default_rng(d)
+    rows = rng.standard_normal((3000, d)).astype(np.float32) * np.exp(rng.uniform(-6, 6, (3000, 1))).astype(np.float32)
+    rows[:10] = np.float32(1e-3)  # constant rows: every product has the same sign, no cancellation
+    queries = rng.standard_normal((40, d)).astype(np.float32) * np.exp(rng.uniform(-3, 3, (40, 1))).astype(np.float32)
+    queries[0] = np.abs(queries[0])
+    low = Bf16Rows(rows)
+    approx = torch.mm(torch.from_numpy(queries).bfloat16(), low.rows.T).float().numpy().astype(np.float64)
+    exact = queries.astype(np.float64) @ rows.astype(np.float64).T
+    bound = margin(np.linalg.norm(queries, axis=1), low.max_norm(), d)
+    # the margin covers the bf16 GEMM before its output is rounded; add that rounding (u |s|) here
+    error = np.abs(approx - exact) - 2.0**-8 * (np.abs(exact) + bound[:, None])
+    assert (error <= bound[:, None]).all()
+    assert (np.abs(approx - exact).max(axis=1) > 0.01 * bound).all()  # the bound is not vacuous either
+
+
+def test_threshold_bits_round_down_to_the_nearest_bf16() -> None:
+    rng = np.random.default_rng(0)
+    values = np.concatenate([np.exp(rng.uniform(-80, 80, 5000)), [1.0, 0.5, 3.0e38, 1e-39]])
+    bits = threshold_bits(values)
+    as_float = torch.from_numpy(bits).view(torch.bfloat16).double().numpy()
+    assert (as_float <= values).all() and (as_float > 0).all()
+    above = torch.from_numpy(bits + 1).view(torch.bfloat16).double().numpy()  # the next bf16 up
+    assert (above > values).all()
+    assert threshold_bits(np.array([0.3, 0.0])) is None
+    assert threshold_bits(np.array([0.3, -1.0])) is None
+
+
+def test_bf16_scores_compare_like_values_through_their_bits() -> None:
+    """scores.view(int16) >= bits(t) keeps exactly the bfloat16 scores >= t, for t > 0."""
+    values = torch.linspace(-5, 5, 20001).to(torch.bfloat16)
+    values = torch.cat([values, torch.tensor([-0.0, 0.0, float("inf"), -float("inf")], dtype=torch.bfloat16)])
+    for t in (1e-30, 0.001, 0.37, 1.0, 4.99):
+        bits = threshold_bits(np.array([t]))
+        t_bf16 = float(torch.from_numpy(bits).view(torch.bfloat16))
+        kept = values.view(torch.int16).numpy() >= bits[0]
+        assert np.array_equal(kept, (values.float() >= t_bf16).numpy())
+
+
+@pytest.mark.parametrize("n, d, b, k", [(20000, 64, 256, 200), (30011, 32, 64, 100), (20000, 512, 16, 200)])
+def test_search_with_the_prefilter_matches_brute_force(monkeypatch: pytest.MonkeyPatch,
+                                                       n: int, d: int, b: int, k: int) -> None:
+    calls = spy_on_bf16_scans(monkeypatch)
+    rows = make_bank(n, d)
+    queries = make_queries(rows, b)
+    scores, ids = search_inner_product(rows, queries, k, Bf16Rows(rows))
+    assert calls, "the bfloat16 scan did not run"
+    assert_exact(rows, queries, k, scores, ids)
+
+
+def test_prefilter_with_crowded_scores_and_mixed_norms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Non-negative features (post-ReLU, like FGC's) crowd the scores near the k-th: many rows
+    within the bfloat16 margin must be rescored, and rows of varied norm widen it."""
+    calls = spy_on_bf16_scans(monkeypatch)
+    rng = np.random.default_rng(3)
+    rows = np.abs(rng.standard_normal((20000, 64), dtype=np.float32)) + 0.5
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    rows[::7] *= 3.0
+    queries = np.abs(rng.standard_normal((64, 64), dtype=np.float32))
+    scores, ids = search_inner_product(rows, queries, 150, Bf16Rows(rows))
+    assert calls
+    assert_exact(rows, queries, 150, scores, ids)
+
+
+def test_prefilter_falls_back_to_float32_when_a_threshold_is_not_positive(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = spy_on_bf16_scans(monkeypatch)
+    rows = -np.abs(make_bank(20000, 64))
+    queries = np.abs(make_queries(rows, 64))  # every score is negative, and so every threshold
+    scores, ids = search_inner_product(rows, queries, 200, Bf16Rows(rows))
+    assert not calls
+    assert_exact(rows, queries, 200, scores, ids)
+
+
+def test_prefilter_must_be_the_copy_of_the_rows_searched() -> None:
+    rows = make_bank(20000, 16)
+    with pytest.raises(ValueError, match="copy"):
+        search_inner_product(rows, make_queries(rows, 32), 10, Bf16Rows(rows.copy()))
+
+
+def test_bank_keeps_its_bf16_copy_in_step_with_updates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After updates of both modes and coalesced runs, the copy equals bf16(rows) and searches
+    that rely on it still match brute force on the updated rows."""
+    monkeypatch.setattr("fgc_bank.bank.bf16_is_fast", lambda: True)
+    calls = spy_on_bf16_scans(monkeypatch)
+    bank = MemoryBank(BankConfig("b", 20000, 64, init="unit", seed=4))
+    assert bank.low is not None
+    rng = np.random.default_rng(5)
+    ids = rng.choice(20000, 256, replace=False)
+    strong = rng.standard_normal((256, 64), dtype=np.float32)  # far from the old rows
+    strong /= np.linalg.norm(strong, axis=1, keepdims=True)
+    bank.execute([Update(ids[:128], strong[:128], "overwrite"), Update(ids[128:], strong[128:])])
+    queries = bank.rows_np[ids[:64]] + 0.05 * rng.standard_normal((64, 64), dtype=np.float32)
+    results = bank.execute([Search(queries, 200), SearchUpdate(ids[:64], queries, 200), Search(queries, 200)])
+    assert torch.equal(bank.low.rows, torch.from_numpy(bank.rows_np).bfloat16())
+    assert calls
+    assert_exact(bank.rows_np, queries, 200, results[2].knn.scores, results[2].knn.ids)
+
+
+
+
+def rounded_down_by_bf16(n: int, d: int, seed: int) -> np.ndarray:
+    """Positive values just under a bfloat16 rounding midpoint, near 1/8: bf16() lowers each by
+    almost half a step (relative 2^-8), so every bf16 score is low by almost 2u of the exact one,
+    and the vectors are nearly parallel (Cauchy-Schwarz is tight): the margin's worst case."""
+    rng = np.random.default_rng(seed)
+    below_midpoint = rng.integers(0, 6, (n, d)) + 0.49 - 0.04 * rng.random((n, d))
+    return ((1.0 + below_midpoint / 128.0) / 8.0).astype(np.float32)
+
+
+@pytest.mark.parametrize("data", ["random", "worst-case rounding"])
+def test_scan_keeps_every_row_above_a_threshold_set_between_two_scores(data: str) -> None:
+    """Thresholds between each query's k-th and (k+1)-th exact scores: the bfloat16 scan must
+    keep exactly the k rows above. Rows just above a threshold are where bfloat16 error bites:
+    on the worst-case data a third of the margin loses some (bfloat16 steps hide smaller cuts)."""
+    if data == "random":
+        rows = make_bank(20000, 64)
+        queries = make_queries(rows, 256)
+    else:  # scores crowd within 0.01 of each other, all low by almost the whole margin in bf16
+        rows, queries = rounded_down_by_bf16(4000, 64, 0), rounded_down_by_bf16(256, 64, 1)
+    n = rows.shape[0]
+    exact = queries.astype(np.float64) @ rows.astype(np.float64).T
+    ranked = -np.sort(-exact, axis=1)
+    low = Bf16Rows(rows)
+    plan = search._Plan(((0, n),), 4096, 16, 1, True)
+    checked = 0
+    for k in (50, 200, 400):
+        threshold = ((ranked[:, k - 1] + ranked[:, k]) / 2).astype(np.float32)
+        clear = np.abs(exact - threshold[:, None]).min(axis=1) > 2e-6  # float32 rescoring agrees
+        bits = search._bf16_bits(queries, threshold, low)
+        counts, keys = search._scan_bf16(rows, low.rows, queries, torch.from_numpy(queries).bfloat16(),
+                                         threshold, bits, 0, n, plan)
+        _, ids = search._decode(keys)
+        starts = np.cumsum(counts) - counts
+        for i in np.flatnonzero(clear):
+            expected = np.flatnonzero(exact[i] > threshold[i])
+            assert np.array_equal(np.sort(ids[starts[i]:starts[i] + counts[i]]), expected), f"query {i}, k {k}"
+            checked += 1
+    assert checked > 300
+
+
+def test_margin_keeps_a_cluster_finer_than_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """2,000 near-duplicate rows whose scores differ by less than one bfloat16 step: the k best
+    and the threshold both fall inside the cluster, so only the margin keeps every row that
+    belongs in the answer (with a zero margin this fails)."""
+    calls = spy_on_bf16_scans(monkeypatch)
+    rng = np.random.default_rng(7)
+    rows = make_bank(20000, 64)
+    center = rows[0] / np.linalg.norm(rows[0])
+    cluster = center + 1e-4 * rng.standard_normal((2000, 64), dtype=np.float32)
+    rows[rng.choice(20000, 2000, replace=False)] = cluster / np.linalg.norm(cluster, axis=1, keepdims=True)
+    queries = center + 0.3 * rng.standard_normal((64, 64), dtype=np.float32)
+    queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    scores, ids = search_inner_product(rows, queries, 200, Bf16Rows(rows))
+    assert calls
+    assert_exact(rows, queries, 200, scores, ids)
