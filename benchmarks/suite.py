@@ -48,7 +48,7 @@ def run_workload(workload: Workload, peak: Peak, settings: Settings, tick: Calla
     queries = make_queries(rows.__getitem__, workload.rows, workload.batch, QUERY_BATCHES, settings.seed)
     ids = make_update_ids(workload.rows, workload.batch, QUERY_BATCHES, settings.seed + 1)
     tick(f"{workload.name}: bank built")
-    contenders = inprocess.methods(rows, workload.k, local, name)
+    contenders = inprocess.methods(rows, workload.k, local, name, local.service.bank(name).low)
     seconds = inprocess.measure(contenders, queries, settings.budget_s, settings.min_reps, settings.max_reps, tick)
     result: dict[str, Any] = {
         "workload": asdict(workload),

@@ -3,17 +3,23 @@
 On CPUs with bfloat16 dot-product instructions (AVX512-BF16, AMX) a bfloat16 ``torch.mm`` runs
 about twice as fast as the float32 one (0.0047 against 0.011 ns per flop and core on the 2-core
 EPYC this was built on). The search uses it to *find* candidates and float32 to *rank* them, so
-answers stay those of a float32 brute force:
+answers stay those of a float32 brute force.
 
-- ``Bf16Rows`` keeps ``bf16(rows)`` and the row norms; the bank refreshes the rows it writes.
-- :func:`margin` bounds how far a bfloat16 score can be from the float32 score of the same pair:
-  inputs rounded to 8 significant bits (relative error ``u = 2^-8`` each), products exact in float32,
-  sums accumulated in float32 in any order (``gamma_D``), denormals flushed. By Cauchy-Schwarz all of
-  it is below ``(2u + u^2 + 2 gamma_D) |q| max|r|`` plus a tiny absolute term.
-- A row whose float32 score beats a query's threshold ``t`` therefore has a bfloat16 score of at
-  least ``t - margin``; :func:`threshold_bits` rounds that bound *down* to a bfloat16 value, so a
-  comparison of the rounded output (rounding is monotone) can only keep more rows, never fewer.
-  Every kept pair is scored again in float32 before anything is ranked.
+How a query's threshold ``t`` (its k-th best score is above it) becomes a bfloat16 test:
+
+- ``Bf16Rows`` keeps ``[bf16(r), 1]`` for every row, with ``|r|`` and the rounding error
+  ``|r - bf16(r)|``; the bank refreshes the rows it writes.
+- :func:`biased_queries` returns ``[bf16(q), -tau]`` with ``tau = t - margin`` rounded down to a
+  bfloat16 value, so one GEMM gives ``bf16(q).bf16(r) - tau`` and a row is a candidate when that
+  is ``>= 0``: a sign test, the same for every query.
+- The margin bounds ``|q.r - bf16(q).bf16(r)|``: since ``q.r - q'.r' = (q - q').r + q'.(r - r')``,
+  it is at most ``|q - q'| max|r| + |q'| max|r - r'|`` (the query's own rounding error is known
+  exactly; the rows' is tracked), plus float32 accumulation in any order (``gamma``) for the GEMM
+  and for the float32 rescoring, plus flushed denormals. Typical rounding errors are about half
+  the worst case ``u = 2^-8`` per value, so this margin is about half of ``2u |q| max|r|``.
+- Rounding the GEMM's float32 sum to bfloat16 keeps its sign, so the test on the stored bfloat16
+  output keeps every row whose float32 score beats ``t``. Every kept pair is scored again in
+  float32 before anything is ranked.
 """
 
 from __future__ import annotations
@@ -25,7 +31,6 @@ import sys
 import numpy as np
 import torch
 
-U_BF16 = 2.0**-8  # unit roundoff of bfloat16: 8 significant bits
 U_FP32 = 2.0**-24
 FLUSH = 2.0**-126  # smallest normal float32; smaller inputs and partial sums may become 0
 ENV = "FGC_BANK_BF16"  # "1" / "0": force the prefilter on or off (tests, comparisons)
@@ -47,8 +52,14 @@ def bf16_is_fast() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def _inflate(norms: np.ndarray, d: int) -> np.ndarray:
+    """float32 norms -> float64 upper bounds of the exact ones."""
+    return norms.astype(np.float64) * (1.0 + (d + 4) * U_FP32)
+
+
 class Bf16Rows:
-    """``bf16(rows)`` and each row's norm, for rows (N, D) float32 that the owner keeps writing.
+    """``[bf16(r), 1]`` for rows (N, D) float32 that the owner keeps writing, with each row's
+    norm and rounding error.
 
     The copy is only sound while it matches ``rows``: whoever writes rows calls :meth:`refresh`
     with their ids before the next search (the bank does, under its lock).
@@ -57,44 +68,67 @@ class Bf16Rows:
     def __init__(self, rows: np.ndarray) -> None:
         if rows.dtype != np.float32 or rows.ndim != 2:
             raise ValueError(f"rows must be (N, D) float32, got {rows.dtype} {rows.shape}")
+        n, d = rows.shape
         self.source = rows
-        self.rows = torch.from_numpy(rows).to(torch.bfloat16)
-        self.norms = np.linalg.norm(rows, axis=1)
+        self.rows = torch.ones(n, d + 1, dtype=torch.bfloat16)  # the last column carries -tau
+        self.norms = np.empty(n, dtype=np.float32)
+        self.errors = np.empty(n, dtype=np.float32)
+        step = max(1, (1 << 22) // max(d, 1))  # bounded temporaries for big banks
+        for lo in range(0, n, step):
+            self.refresh(np.arange(lo, min(n, lo + step)))
 
     def refresh(self, ids: np.ndarray) -> None:
         """Copy rows ``ids`` of the source again, after they were written."""
         index = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-        self.rows.index_copy_(0, index, torch.from_numpy(self.source).index_select(0, index).to(torch.bfloat16))
-        self.norms[ids] = np.linalg.norm(self.source[ids], axis=1)
+        exact = torch.from_numpy(self.source).index_select(0, index)
+        low = exact.to(torch.bfloat16)
+        self.rows[index, :-1] = low
+        self.norms[ids] = torch.linalg.vector_norm(exact, dim=1).numpy()
+        self.errors[ids] = torch.linalg.vector_norm(exact - low.float(), dim=1).numpy()  # exact difference
 
-    def max_norm(self) -> float:
-        """An upper bound of every row's norm (float32 norms are inflated by their own error)."""
-        return float(self.norms.max(initial=0.0)) * (1.0 + (self.source.shape[1] + 4) * U_FP32)
-
-
-def margin(query_norms: np.ndarray, max_row_norm: float, d: int) -> np.ndarray:
-    """Per query, a bound on |bf16 score - float32 score| over every row, (B,) float64.
-
-    float32 scores are themselves within ``gamma_D |q||r|`` of the exact ones, hence two
-    ``gamma_D``: one for the bfloat16 GEMM's sums, one for the float32 rescoring.
-    """
-    gamma = 1.01 * d * U_FP32
-    scale = np.asarray(query_norms, dtype=np.float64) * (1.0 + (d + 4) * U_FP32) * max_row_norm
-    relative = 2 * U_BF16 + U_BF16**2 + 2 * gamma * (1 + U_BF16) ** 2
-    flushed = FLUSH * (2 * d + np.sqrt(d) * (scale + 1.0))  # denormal inputs and sums taken as 0
-    return relative * scale + flushed
+    def bounds(self) -> tuple[float, float]:
+        """Upper bounds of every row's norm and of every row's rounding error's norm."""
+        d = self.source.shape[1]
+        return (float(_inflate(self.norms.max(initial=0.0, keepdims=True), d)[0]),
+                float(_inflate(self.errors.max(initial=0.0, keepdims=True), d)[0]))
 
 
-def threshold_bits(thresholds: np.ndarray) -> np.ndarray | None:
-    """Positive thresholds (B,) float64 -> bfloat16 bit patterns (B,) int16 of values at most them.
+def margin(queries: np.ndarray, rounded: np.ndarray, row_norm: float, row_error: float,
+           thresholds: np.ndarray) -> np.ndarray:
+    """Per query (B,) float64: how far below its float32 score a row's bfloat16 GEMM sum (with the
+    ``-tau`` column) can fall. ``rounded`` is bf16(queries) as float32."""
+    d = queries.shape[1]
+    gamma = 1.01 * (d + 1) * U_FP32  # float32 sums of d + 1 terms, in any order
+    q = _inflate(np.linalg.norm(queries, axis=1), d)
+    q_low = _inflate(np.linalg.norm(rounded, axis=1), d)
+    q_error = _inflate(np.linalg.norm(queries - rounded, axis=1), d)  # the difference is exact
+    rounding = q_error * row_norm + q_low * row_error
+    sums = gamma * (q_low * (row_norm + row_error) + np.abs(thresholds)) + gamma * q * row_norm
+    flushed = FLUSH * (2 * d + 2 + np.sqrt(d) * (q_low + row_norm + row_error))
+    return (rounding + sums + flushed) * (1.0 + 2 * gamma)  # and gamma |tau| - gamma |t| <= gamma margin
 
-    For positive bfloat16 values the int16 patterns order like the values, and every negative
-    value's pattern is negative, so ``scores.view(int16) >= bits`` keeps exactly the scores at or
-    above each threshold. Returns None if some threshold is not positive (the caller searches in
-    float32 instead).
-    """
-    if not (thresholds > 0).all() or not np.isfinite(thresholds).all():
+
+def round_down_bf16(values: np.ndarray) -> torch.Tensor:
+    """float64 values (B,) -> bfloat16 values at most them (the nearest such, when finite)."""
+    down = values.astype(np.float32)
+    down = np.where(down.astype(np.float64) > values, np.nextafter(down, np.float32(-np.inf)), down)
+    bits = down.view(np.uint32)
+    high = (bits >> 16).astype(np.uint16)
+    cut = (bits & 0xFFFF) != 0
+    high = high + ((bits >> 31).astype(np.uint16) & cut)  # negative: truncation rounded up; step down
+    return torch.from_numpy(high.view(np.int16)).view(torch.bfloat16)
+
+
+def biased_queries(queries: np.ndarray, thresholds: np.ndarray, low: Bf16Rows,
+                   max_scale: float = 1e30) -> torch.Tensor | None:
+    """``[bf16(q), -tau]`` (B, D + 1) bfloat16: against ``low.rows``, a sum ``>= 0`` for every row
+    whose float32 score with ``q`` beats its threshold (B,). None when ``|q| max|r|`` is so large
+    that bfloat16 sums could overflow (the caller searches in float32)."""
+    row_norm, row_error = low.bounds()
+    norms = np.linalg.norm(queries.astype(np.float64), axis=1)
+    if not float(norms.max(initial=0.0)) * row_norm < max_scale or not np.isfinite(thresholds).all():
         return None
-    down = thresholds.astype(np.float32)
-    down = np.where(down.astype(np.float64) > thresholds, np.nextafter(down, np.float32(0)), down)
-    return (down.view(np.int32) >> 16).astype(np.int16)  # truncation rounds positive values down
+    q16 = torch.from_numpy(queries).to(torch.bfloat16)
+    rounded = q16.float().numpy()
+    tau = round_down_bf16(thresholds.astype(np.float64) - margin(queries, rounded, row_norm, row_error, thresholds))
+    return torch.cat([q16, -tau[:, None]], dim=1)

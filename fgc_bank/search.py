@@ -50,7 +50,7 @@ import faiss
 import numpy as np
 import torch
 
-from fgc_bank.prefilter import Bf16Rows, margin, threshold_bits
+from fgc_bank.prefilter import Bf16Rows, biased_queries
 
 SCORES_PER_CHUNK = 1 << 20  # threshold strategy: one thread's (c, B) score buffer, 4 MB
 HEAP_SCORES_PER_CHUNK = 1 << 19  # heap strategy: one thread's (B, c) score buffer, 2 MB
@@ -247,12 +247,11 @@ def _search_blocked(rows: np.ndarray, queries: np.ndarray, k: int,
     pooled = np.concatenate(samples, axis=1)  # (B, threads * rank)
     column = pooled.shape[1] - plan.rank  # the rank-th best of all threads' samples
     threshold = np.ascontiguousarray(np.partition(pooled, column, axis=1)[:, column])
-    bits = _bf16_bits(queries, threshold, low) if plan.bf16 else None
-    if bits is None:
+    biased = biased_queries(queries, threshold, low) if plan.bf16 else None
+    if biased is None:
         found = _run([(_scan, rows_t, queries_t, threshold, lo, hi, plan) for lo, hi in plan.bounds])
     else:
-        queries16 = queries_t.to(torch.bfloat16)
-        found = _run([(_scan_bf16, rows, low.rows, queries, queries16, threshold, bits, lo, hi, plan)
+        found = _run([(_scan_bf16, rows, low.rows, queries, biased, threshold, lo, hi, plan)
                       for lo, hi in plan.bounds])
     scores = np.empty((b, k), dtype=np.float32)
     ids = np.empty((b, k), dtype=np.int64)
@@ -373,43 +372,40 @@ def _group(b: int, found_q: list[np.ndarray], found_v: list[np.ndarray],
     return np.bincount(query, minlength=b), keys
 
 
-def _bf16_bits(queries: np.ndarray, threshold: np.ndarray, low: Bf16Rows) -> np.ndarray | None:
-    """The bfloat16 bound each query's candidates must reach (None: search in float32)."""
-    norms = np.linalg.norm(queries, axis=1)
-    max_row = low.max_norm()
-    if not max_row * float(norms.max(initial=0.0)) < MAX_BF16_SCALE:
-        return None
-    return threshold_bits(threshold.astype(np.float64) - margin(norms, max_row, queries.shape[1]))
-
-
-def _scan_bf16(rows: np.ndarray, rows16: torch.Tensor, queries: np.ndarray, queries16: torch.Tensor,
-               threshold: np.ndarray, bits: np.ndarray, lo: int, hi: int,
-               plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_scan` with bfloat16 scores as the filter: every row whose float32 score beats a
-    query's threshold has a bfloat16 score at or above ``bits`` (``fgc_bank.prefilter``); those
-    rows are scored again in float32 while they are still in cache, and kept if they beat it."""
+def _scan_bf16(rows: np.ndarray, rows16: torch.Tensor, queries: np.ndarray, biased: torch.Tensor,
+               threshold: np.ndarray, lo: int, hi: int, plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_scan` with a bfloat16 GEMM as the filter: ``rows16 @ biased.T`` is ``>= 0`` for every
+    row whose float32 score beats its query's threshold (``fgc_bank.prefilter``); those rows are
+    scored again in float32 while they are still in cache, and kept if they beat it."""
     b, d = queries.shape
     low = _scratch("scores16", plan.chunk * b, torch.bfloat16)
     low_bits = low.view(torch.int16).numpy()
     mask = _scratch("mask", plan.chunk * b, torch.bool).numpy()
-    above = np.ascontiguousarray(bits)[None, :]
-    queries16_t = queries16.T  # (D, B) view
+    biased_t = biased.T  # (D + 1, B) view
     found_q, found_v, found_r = [], [], []
     for j0 in range(lo, hi, plan.chunk):
         n = min(plan.chunk, hi - j0)
-        torch.mm(rows16[j0:j0 + n], queries16_t, out=low[:n * b].view(n, b))  # (n, B)
-        np.greater_equal(low_bits[:n * b].reshape(n, b), above, out=mask[:n * b].reshape(n, b))
-        hits = np.flatnonzero(mask[:n * b])
-        row, query = np.divmod(hits, b)
+        torch.mm(rows16[j0:j0 + n], biased_t, out=low[:n * b].view(n, b))  # (n, B): score - tau
+        np.greater_equal(low_bits[:n * b], 0, out=mask[:n * b])  # the sign bit, as int16
+        row, query = np.divmod(_sparse_nonzero(mask[:n * b]), b)
         row += j0
-        exact = np.empty(hits.size, dtype=np.float32)
-        faiss.pairwise_indexed_inner_product(d, hits.size, faiss.swig_ptr(queries), faiss.swig_ptr(query),
+        exact = np.empty(row.size, dtype=np.float32)
+        faiss.pairwise_indexed_inner_product(d, row.size, faiss.swig_ptr(queries), faiss.swig_ptr(query),
                                              faiss.swig_ptr(rows), faiss.swig_ptr(row), faiss.swig_ptr(exact))
         keep = exact > threshold[query]
         found_v.append(exact[keep])
         found_q.append(query[keep])
         found_r.append(row[keep])
     return _group(b, found_q, found_v, found_r)
+
+
+def _sparse_nonzero(mask: np.ndarray) -> np.ndarray:
+    """``np.flatnonzero`` of a 1-D bool array with few True, faster: pack 8 per byte, find the
+    non-zero bytes (a bool scan 8x shorter), unpack only those."""
+    packed = np.packbits(mask)
+    at = np.flatnonzero(packed.view(np.bool_))
+    bits = np.flatnonzero(np.unpackbits(packed[at]).view(np.bool_))
+    return at[bits >> 3] * 8 + (bits & 7)
 
 
 def _finish(found: list[tuple[np.ndarray, np.ndarray]], threshold: np.ndarray, qa: int, qb: int,

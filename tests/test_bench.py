@@ -33,7 +33,7 @@ def test_quick_bench_writes_json_chart_and_page(tmp_path: Path) -> None:
     (res,) = run["results"]
     assert res["workload"] == {"name": "cifar", "rows": 9000, "dim": 64, "k": 200, "batch": 256}
     assert res["bound_qps"] == pytest.approx(run["peak"]["gflops"] * 1e9 / (2 * 9000 * 64))
-    assert set(res["methods"]) == {"faiss-default", "faiss-blas", "torch-topk", "search", "bank"}
+    assert set(res["methods"]) == {"faiss-default", "faiss-blas", "torch-topk", "search-fp32", "search", "bank"}
     for entry in [*res["methods"].values(), *res["server"]["clients"].values()]:
         stats = entry["qps"]
         assert 0 < stats["low"] <= stats["median"] <= stats["high"] and stats["n"] >= 1

@@ -9,7 +9,7 @@ import torch
 
 from fgc_bank import search
 from fgc_bank.bank import BankConfig, MemoryBank, Search, SearchUpdate, Update
-from fgc_bank.prefilter import Bf16Rows, margin, threshold_bits
+from fgc_bank.prefilter import Bf16Rows, biased_queries, round_down_bf16
 from fgc_bank.search import search_inner_product
 from tests.test_search import assert_exact, make_bank, make_queries
 
@@ -27,45 +27,65 @@ def spy_on_bf16_scans(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+def rounded_down_by_bf16(n: int, d: int, seed: int) -> np.ndarray:
+    """Positive values just under a bfloat16 rounding midpoint, near 1/8: bf16() lowers each by
+    almost half a step (relative 2^-8), so every bf16 score is low by almost 2u of the exact one,
+    and the vectors are nearly parallel (Cauchy-Schwarz is tight): the margin's worst case."""
+    rng = np.random.default_rng(seed)
+    below_midpoint = rng.integers(0, 6, (n, d)) + 0.49 - 0.04 * rng.random((n, d))
+    return ((1.0 + below_midpoint / 128.0) / 8.0).astype(np.float32)
+
+
+def mixed_norms(n: int, d: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, d)).astype(np.float32) * np.exp(rng.uniform(-4, 4, (n, 1))).astype(np.float32)
+
+
+@pytest.mark.parametrize("data", ["unit rows", "mixed norms", "worst-case rounding", "negative scores"])
 @pytest.mark.parametrize("d", [1, 7, 64, 512])
-def test_margin_bounds_every_bf16_score(d: int) -> None:
-    """|bf16 GEMM score - exact score| stays under the margin for rows of very different norms."""
-    rng = np.random.default_rng(d)
-    rows = rng.standard_normal((3000, d)).astype(np.float32) * np.exp(rng.uniform(-6, 6, (3000, 1))).astype(np.float32)
-    rows[:10] = np.float32(1e-3)  # constant rows: every product has the same sign, no cancellation
-    queries = rng.standard_normal((40, d)).astype(np.float32) * np.exp(rng.uniform(-3, 3, (40, 1))).astype(np.float32)
-    queries[0] = np.abs(queries[0])
-    low = Bf16Rows(rows)
-    approx = torch.mm(torch.from_numpy(queries).bfloat16(), low.rows.T).float().numpy().astype(np.float64)
+def test_biased_sums_keep_every_row_above_the_threshold(data: str, d: int) -> None:
+    """``rows16 @ biased.T >= 0`` (the bfloat16 GEMM the scan runs, its output's sign bit) for
+    every row whose score beats the query's threshold, with thresholds set at many ranks."""
+    if data == "unit rows":
+        rows, queries = make_bank(3000, d, seed=d), make_bank(64, d, seed=d + 1)
+    elif data == "mixed norms":
+        rows, queries = mixed_norms(3000, d, d), mixed_norms(64, d, d + 1)
+    elif data == "worst-case rounding":
+        rows, queries = rounded_down_by_bf16(3000, d, d), rounded_down_by_bf16(64, d, d + 1)
+    else:
+        rows, queries = -np.abs(make_bank(3000, d, seed=d)), np.abs(make_bank(64, d, seed=d + 1))
     exact = queries.astype(np.float64) @ rows.astype(np.float64).T
-    bound = margin(np.linalg.norm(queries, axis=1), low.max_norm(), d)
-    # the margin covers the bf16 GEMM before its output is rounded; add that rounding (u |s|) here
-    error = np.abs(approx - exact) - 2.0**-8 * (np.abs(exact) + bound[:, None])
-    assert (error <= bound[:, None]).all()
-    assert (np.abs(approx - exact).max(axis=1) > 0.01 * bound).all()  # the bound is not vacuous either
+    slack = 1e-6 * np.linalg.norm(queries, axis=1)[:, None] * np.linalg.norm(rows, axis=1)[None, :]
+    low = Bf16Rows(rows)
+    ranked = -np.sort(-exact, axis=1)
+    for rank in (0, 10, 100, 1000, 2999):
+        threshold = ranked[:, rank].astype(np.float32)
+        biased = biased_queries(queries, threshold, low)
+        sums = torch.mm(low.rows, biased.T).T  # (B, N) bfloat16
+        kept = sums.view(torch.int16).numpy() >= 0
+        must = exact > threshold[:, None].astype(np.float64) + slack
+        assert not (must & ~kept).any(), f"rank {rank}: rows above the threshold were dropped"
+        if rank == 100 and d > 1 and data != "worst-case rounding":  # and the filter does filter
+            assert kept.sum() < 3 * (must.sum() + 64)
 
 
-def test_threshold_bits_round_down_to_the_nearest_bf16() -> None:
+def test_round_down_bf16_gives_the_nearest_bf16_at_or_below() -> None:
     rng = np.random.default_rng(0)
-    values = np.concatenate([np.exp(rng.uniform(-80, 80, 5000)), [1.0, 0.5, 3.0e38, 1e-39]])
-    bits = threshold_bits(values)
-    as_float = torch.from_numpy(bits).view(torch.bfloat16).double().numpy()
-    assert (as_float <= values).all() and (as_float > 0).all()
-    above = torch.from_numpy(bits + 1).view(torch.bfloat16).double().numpy()  # the next bf16 up
-    assert (above > values).all()
-    assert threshold_bits(np.array([0.3, 0.0])) is None
-    assert threshold_bits(np.array([0.3, -1.0])) is None
+    magnitudes = np.exp(rng.uniform(-80, 80, 5000))
+    values = np.concatenate([magnitudes, -magnitudes, [1.0, -1.0, 0.5, 0.0, 3.0e38, -3.0e38, 1e-39, -1e-39]])
+    down = round_down_bf16(values)
+    as_float = down.double().numpy()
+    assert (as_float <= values).all()
+    step_up = torch.from_numpy(down.view(torch.int16).numpy() + np.where(as_float >= 0, 1, -1).astype(np.int16))
+    above = step_up.view(torch.bfloat16).double().numpy()  # the next bf16 value up
+    exact = as_float == values
+    assert (above[~exact] > values[~exact]).all()
+    assert exact[[-8, -7, -6, -5]].all()  # 1, -1, 0.5, 0 are bf16 values
 
 
-def test_bf16_scores_compare_like_values_through_their_bits() -> None:
-    """scores.view(int16) >= bits(t) keeps exactly the bfloat16 scores >= t, for t > 0."""
-    values = torch.linspace(-5, 5, 20001).to(torch.bfloat16)
-    values = torch.cat([values, torch.tensor([-0.0, 0.0, float("inf"), -float("inf")], dtype=torch.bfloat16)])
-    for t in (1e-30, 0.001, 0.37, 1.0, 4.99):
-        bits = threshold_bits(np.array([t]))
-        t_bf16 = float(torch.from_numpy(bits).view(torch.bfloat16))
-        kept = values.view(torch.int16).numpy() >= bits[0]
-        assert np.array_equal(kept, (values.float() >= t_bf16).numpy())
+def test_biased_queries_refuse_sums_that_could_overflow() -> None:
+    rows = make_bank(100, 8) * np.float32(1e20)
+    assert biased_queries(make_bank(4, 8) * np.float32(1e20), np.zeros(4, np.float32), Bf16Rows(rows)) is None
 
 
 @pytest.mark.parametrize("n, d, b, k", [(20000, 64, 256, 200), (30011, 32, 64, 100), (20000, 512, 16, 200)])
@@ -93,12 +113,12 @@ def test_prefilter_with_crowded_scores_and_mixed_norms(monkeypatch: pytest.Monke
     assert_exact(rows, queries, 150, scores, ids)
 
 
-def test_prefilter_falls_back_to_float32_when_a_threshold_is_not_positive(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prefilter_with_negative_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = spy_on_bf16_scans(monkeypatch)
     rows = -np.abs(make_bank(20000, 64))
     queries = np.abs(make_queries(rows, 64))  # every score is negative, and so every threshold
     scores, ids = search_inner_product(rows, queries, 200, Bf16Rows(rows))
-    assert not calls
+    assert calls
     assert_exact(rows, queries, 200, scores, ids)
 
 
@@ -122,20 +142,11 @@ def test_bank_keeps_its_bf16_copy_in_step_with_updates(monkeypatch: pytest.Monke
     bank.execute([Update(ids[:128], strong[:128], "overwrite"), Update(ids[128:], strong[128:])])
     queries = bank.rows_np[ids[:64]] + 0.05 * rng.standard_normal((64, 64), dtype=np.float32)
     results = bank.execute([Search(queries, 200), SearchUpdate(ids[:64], queries, 200), Search(queries, 200)])
-    assert torch.equal(bank.low.rows, torch.from_numpy(bank.rows_np).bfloat16())
+    assert torch.equal(bank.low.rows[:, :-1], torch.from_numpy(bank.rows_np).bfloat16())
     assert calls
     assert_exact(bank.rows_np, queries, 200, results[2].knn.scores, results[2].knn.ids)
 
 
-
-
-def rounded_down_by_bf16(n: int, d: int, seed: int) -> np.ndarray:
-    """Positive values just under a bfloat16 rounding midpoint, near 1/8: bf16() lowers each by
-    almost half a step (relative 2^-8), so every bf16 score is low by almost 2u of the exact one,
-    and the vectors are nearly parallel (Cauchy-Schwarz is tight): the margin's worst case."""
-    rng = np.random.default_rng(seed)
-    below_midpoint = rng.integers(0, 6, (n, d)) + 0.49 - 0.04 * rng.random((n, d))
-    return ((1.0 + below_midpoint / 128.0) / 8.0).astype(np.float32)
 
 
 @pytest.mark.parametrize("data", ["random", "worst-case rounding"])
@@ -157,9 +168,8 @@ def test_scan_keeps_every_row_above_a_threshold_set_between_two_scores(data: str
     for k in (50, 200, 400):
         threshold = ((ranked[:, k - 1] + ranked[:, k]) / 2).astype(np.float32)
         clear = np.abs(exact - threshold[:, None]).min(axis=1) > 2e-6  # float32 rescoring agrees
-        bits = search._bf16_bits(queries, threshold, low)
-        counts, keys = search._scan_bf16(rows, low.rows, queries, torch.from_numpy(queries).bfloat16(),
-                                         threshold, bits, 0, n, plan)
+        biased = biased_queries(queries, threshold, low)
+        counts, keys = search._scan_bf16(rows, low.rows, queries, biased, threshold, 0, n, plan)
         _, ids = search._decode(keys)
         starts = np.cumsum(counts) - counts
         for i in np.flatnonzero(clear):
