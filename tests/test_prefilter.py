@@ -194,3 +194,14 @@ def test_margin_keeps_a_cluster_finer_than_bf16(monkeypatch: pytest.MonkeyPatch)
     scores, ids = search_inner_product(rows, queries, 200, Bf16Rows(rows))
     assert calls
     assert_exact(rows, queries, 200, scores, ids)
+
+
+def test_coalesced_batches_are_searched_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many queries (coalesced requests) go through the threshold search in cache-sized blocks."""
+    monkeypatch.setattr(search, "THRESHOLD_MAX_BATCH", 64)
+    calls = spy_on_bf16_scans(monkeypatch)
+    rows = make_bank(20000, 32)
+    queries = make_queries(rows, 200)
+    scores, ids = search_inner_product(rows, queries, 100, Bf16Rows(rows))
+    assert len(calls) == 4 * len(search._plan(20000, 32, 64, 100, True).bounds)  # blocks of 64, 64, 64, 8
+    assert_exact(rows, queries, 100, scores, ids)
