@@ -13,7 +13,7 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ class ServerConfig:
     faiss_threads: int = 0  # 0: FAISS's default, one per core
     max_queue: int = 1024
     max_frame_bytes: int = MAX_FRAME_BYTES
-    limits: Limits = Limits()
+    limits: Limits = field(default_factory=Limits)
     snapshot_dir: Path | None = None
     snapshot_every: float = 0.0  # seconds; 0: only on request and at shutdown
     snapshot_keep: int = 3

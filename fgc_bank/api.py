@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import concurrent.futures
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import numpy as np
 
@@ -55,7 +55,7 @@ class BankHandle(abc.ABC):
     def _call(self, request: Request, decode: Callable[[Reply], T]) -> T:
         return self._submit(request, decode).result()
 
-    def __enter__(self) -> BankHandle:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

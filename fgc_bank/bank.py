@@ -72,16 +72,16 @@ class BankConfig:
             raise BankError(ErrorCode.BAD_ARGUMENT, f"dtype {self.dtype!r} is not supported; use float32")
         if not 0 <= self.seed < 2**63:
             raise BankError(ErrorCode.BAD_ARGUMENT, f"seed must be in [0, 2^63), got {self.seed}")
-        size = self.rows * self.dim * bytes_per_value()
+        size = self.nbytes()
         if size > max_bytes:
             raise BankError(ErrorCode.TOO_LARGE, f"bank {self.name!r} would take {size / 2**30:.2f} GiB "
                             f"({self.rows} x {self.dim} float32{' and its bfloat16 copy' if bf16_is_fast() else ''}); "
                             f"this server's limit is {max_bytes / 2**30:.2f} GiB")
 
-
-def bytes_per_value() -> int:
-    """Memory per bank value: float32, plus the bfloat16 copy on CPUs that search with it."""
-    return 6 if bf16_is_fast() else 4
+    def nbytes(self) -> int:
+        """Memory the bank's rows take: float32, plus the bfloat16 copy (one more column) on
+        CPUs that search with it."""
+        return self.rows * self.dim * 4 + (self.rows * (self.dim + 1) * 2 if bf16_is_fast() else 0)
 
 
 @dataclass(frozen=True)

@@ -214,7 +214,7 @@ class BankClient(BankHandle):
                 item.future.set_result(item.decode(reply.unwrap()))
             except BankError as exc:
                 item.future.set_exception(exc)
-            except Exception as exc:  # a reply that lacks what its op promises
+            except Exception as exc:  # noqa: BLE001 - a reply that lacks what its op promises
                 item.future.set_exception(BankError(ErrorCode.BAD_MESSAGE, f"malformed {item.request.op} reply: {exc!r}"))
 
     def _expire(self, pending: dict[int, _Pending]) -> None:

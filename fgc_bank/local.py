@@ -21,10 +21,10 @@ T = TypeVar("T")
 class LocalBank(BankHandle):
     """A :class:`BankService` in this process behind the :class:`BankHandle` methods."""
 
-    def __init__(self, timeout: float = DEFAULT_TIMEOUT_S, limits: Limits = Limits()) -> None:
+    def __init__(self, timeout: float = DEFAULT_TIMEOUT_S, limits: Limits | None = None) -> None:
         self.address = "local://"
         self.timeout = timeout
-        self.service: BankService | None = BankService(limits)
+        self.service: BankService | None = BankService(limits or Limits())
         self._next_id = 0
 
     def _submit(self, request: Request, decode: Callable[[Reply], T]) -> concurrent.futures.Future[T]:

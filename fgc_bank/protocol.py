@@ -132,7 +132,7 @@ def _unpack_header(frame: Any) -> dict[str, Any]:
         header = msgpack.unpackb(
             buf, raw=False, strict_map_key=True  # limits default to the (bounded) buffer size
         )
-    except Exception as exc:  # msgpack raises several unrelated types for garbage input
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types for garbage
         raise _fail(ErrorCode.BAD_MESSAGE, f"header is not valid msgpack ({exc.__class__.__name__})")
     if not isinstance(header, dict):
         raise _fail(ErrorCode.BAD_MESSAGE, f"header must be a map, got {type(header).__name__}")
@@ -198,7 +198,7 @@ def peek_request_id(frames: Sequence[Any]) -> int:
         header = msgpack.unpackb(memoryview(frames[0])[:MAX_HEADER_BYTES], raw=False)
         rid = header.get("id", 0) if isinstance(header, dict) else 0
         return rid if isinstance(rid, int) and 0 <= rid < 2**64 else 0
-    except Exception:
+    except Exception:  # noqa: BLE001 - best effort on garbage: any failure means "unknown"
         return 0
 
 

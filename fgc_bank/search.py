@@ -1,8 +1,9 @@
 """Exact top-k inner-product search over a live float32 matrix, close to the machine's GEMM rate.
 
-``search_inner_product(rows, queries, k)`` is the one search the bank runs. It returns the same
-answer as brute force (up to the order of equal scores) and is built from library calls only:
-``torch.mm`` for the scores, FAISS heaps or numpy for the selection.
+``search_inner_product(rows, queries, k, low)`` is the one search the bank runs. It returns the
+same answer as a float32 brute force (up to the order of equal scores) and is built from library
+calls only: ``torch.mm`` for the scores, FAISS heaps, FAISS pairwise products or numpy for the
+selection.
 
 Why not just ``faiss.knn`` (``benchmarks/README.md`` has the measurements; 2-core EPYC, FAISS 1.15):
 
@@ -32,6 +33,13 @@ What this module does instead:
     hundred candidates per query survive, packed as sortable uint64 (score bits, row id) keys.
     Exactness is checked, not assumed: an answer is exact when its k-th score is above the
     threshold; a query that fails the check is searched again with ``faiss.knn``.
+  - threshold with a bfloat16 prefilter, when the caller keeps a bfloat16 copy of the rows
+    (``fgc_bank.prefilter``; the bank does on CPUs with native bfloat16): the chunk GEMM runs in
+    bfloat16 (about 2x the float32 rate), each query's threshold lowered by a proven bound on the
+    bfloat16 error and folded into the GEMM as one more column, so the filter is a sign test. The
+    rows that pass are scored again in float32 (``faiss.pairwise_indexed_inner_product``) while
+    still in cache; from there on it is the float32 threshold search. The cost model picks it for
+    all three benchmark shapes.
 
 Thread-safety: any number of threads may call :func:`search_inner_product` at once; the work goes
 to one shared pool, and scratch buffers belong to the pool threads.

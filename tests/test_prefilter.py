@@ -9,6 +9,7 @@ import torch
 
 from fgc_bank import search
 from fgc_bank.bank import BankConfig, MemoryBank, Search, SearchUpdate, Update
+from fgc_bank.errors import BankError, ErrorCode
 from fgc_bank.prefilter import Bf16Rows, biased_queries, round_down_bf16
 from fgc_bank.search import search_inner_product
 from tests.test_search import assert_exact, make_bank, make_queries
@@ -205,3 +206,15 @@ def test_coalesced_batches_are_searched_in_blocks(monkeypatch: pytest.MonkeyPatc
     scores, ids = search_inner_product(rows, queries, 100, Bf16Rows(rows))
     assert len(calls) == 4 * len(search._plan(20000, 32, 64, 100, True).bounds)  # blocks of 64, 64, 64, 8
     assert_exact(rows, queries, 100, scores, ids)
+
+
+def test_memory_limit_counts_the_bf16_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bank that fits in float32 alone but not with its bfloat16 copy is refused up front."""
+    config = BankConfig("b", 1000, 100)
+    monkeypatch.setattr("fgc_bank.bank.bf16_is_fast", lambda: False)
+    config.validate(400_000)
+    monkeypatch.setattr("fgc_bank.bank.bf16_is_fast", lambda: True)
+    assert config.nbytes() == 400_000 + 1000 * 101 * 2
+    with pytest.raises(BankError) as err:
+        config.validate(400_000)
+    assert err.value.code is ErrorCode.TOO_LARGE and "bfloat16" in str(err.value)

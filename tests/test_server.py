@@ -180,8 +180,7 @@ def test_unreachable_server_times_out_with_a_clear_error() -> None:
     with zmq.Context.instance().socket(zmq.ROUTER) as placeholder:
         port = placeholder.bind_to_random_port("tcp://127.0.0.1")
     started = time.monotonic()
-    with connect(f"tcp://127.0.0.1:{port}", timeout=0.5) as bank:
-        with pytest.raises(BankTimeout) as info:
-            bank.hello()
+    with connect(f"tcp://127.0.0.1:{port}", timeout=0.5) as bank, pytest.raises(BankTimeout) as info:
+        bank.hello()
     assert "no reply to hello" in info.value.message and f"{port}" in info.value.message
     assert time.monotonic() - started < 30 * TIME_FACTOR  # it ended; it did not hang
