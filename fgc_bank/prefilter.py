@@ -52,9 +52,9 @@ def bf16_is_fast() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _inflate(norms: np.ndarray, d: int) -> np.ndarray:
-    """float32 norms -> float64 upper bounds of the exact ones."""
-    return norms.astype(np.float64) * (1.0 + (d + 4) * U_FP32)
+def _inflate(norms: np.ndarray | np.floating, d: int) -> np.ndarray:
+    """float32 norms (computed in float32, of d values) -> float64 upper bounds of the exact ones."""
+    return np.asarray(norms, dtype=np.float64) * (1.0 + (d + 4) * U_FP32)
 
 
 class Bf16Rows:
@@ -89,8 +89,7 @@ class Bf16Rows:
     def bounds(self) -> tuple[float, float]:
         """Upper bounds of every row's norm and of every row's rounding error's norm."""
         d = self.source.shape[1]
-        return (float(_inflate(self.norms.max(initial=0.0, keepdims=True), d)[0]),
-                float(_inflate(self.errors.max(initial=0.0, keepdims=True), d)[0]))
+        return float(_inflate(self.norms.max(initial=0.0), d)), float(_inflate(self.errors.max(initial=0.0), d))
 
 
 def margin(queries: np.ndarray, rounded: np.ndarray, row_norm: float, row_error: float,

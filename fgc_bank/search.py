@@ -52,6 +52,7 @@ import itertools
 import math
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import faiss
@@ -75,9 +76,8 @@ FLOP_NS = 0.011  # one flop of a single-threaded sgemm
 SAMPLE_GROUP = 8  # sample scores per group whose maximum stands for them in the threshold
 THRESHOLD_SCAN_NS = 0.45  # one score through compare + flatnonzero
 BF16_FLOP_NS = 0.0047  # one flop of a single-threaded bfloat16 GEMM (AVX512-BF16)
-BF16_SCAN_NS = 0.3  # one bfloat16 score through the int16 compare + flatnonzero
+BF16_SCAN_NS = 0.3  # one bfloat16 score through the sign test + packbits + flatnonzero
 RESCORE_NS = 6.0  # one candidate scored again in float32 (faiss.pairwise_indexed_inner_product)
-MAX_BF16_SCALE = 1e30  # |q| max|r| beyond this could overflow bfloat16 sums: search in float32
 HEAP_SCAN_NS = 0.3  # one score through a FAISS heap's compare
 HEAP_INSERT_NS, HEAP_LEVEL_NS = 10.0, 6.0  # one heap insertion: fixed + per level of the heap
 
@@ -128,6 +128,8 @@ def search_inner_product(rows: np.ndarray, queries: np.ndarray, k: int,
     scores : (B, k) float32, descending.
     ids : (B, k) int64 row ids (ties between equal scores in any order).
     """
+    if low is not None and low.source is not rows:
+        raise ValueError("low must be the bfloat16 copy of these very rows (Bf16Rows(rows))")
     if rows.ndim != 2 or queries.ndim != 2 or rows.shape[1] != queries.shape[1]:
         raise ValueError(f"rows (N, D) and queries (B, D) must share D, got {rows.shape} and {queries.shape}")
     if not 1 <= k <= rows.shape[0]:
@@ -140,11 +142,15 @@ def search_inner_product(rows: np.ndarray, queries: np.ndarray, k: int,
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         return _knn_ranges(rows, queries, k, _plan(n, rows.shape[1], b, k).bounds)
     if b > MAX_BATCH:
-        parts = [search_inner_product(rows, queries[i:i + MAX_BATCH], k, low) for i in range(0, b, MAX_BATCH)]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-    if low is not None and low.source is not rows:
-        raise ValueError("low must be the bfloat16 copy of these very rows (Bf16Rows(rows))")
+        return _in_blocks(lambda part: search_inner_product(rows, part, k, low), queries, MAX_BATCH)
     return _search_blocked(rows, queries, k, low)
+
+
+def _in_blocks(search: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], queries: np.ndarray,
+               size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``search`` over blocks of at most ``size`` queries, answers stacked."""
+    parts = [search(queries[i:i + size]) for i in range(0, queries.shape[0], size)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def _torch_can_share(rows: np.ndarray) -> bool:
@@ -250,9 +256,7 @@ def _search_blocked(rows: np.ndarray, queries: np.ndarray, k: int,
                     low: Bf16Rows | None) -> tuple[np.ndarray, np.ndarray]:
     plan = _plan(rows.shape[0], rows.shape[1], queries.shape[0], k, low is not None)
     if plan.rank and queries.shape[0] > THRESHOLD_MAX_BATCH:  # e.g. coalesced requests
-        parts = [_search_blocked(rows, queries[i:i + THRESHOLD_MAX_BATCH], k, low)
-                 for i in range(0, queries.shape[0], THRESHOLD_MAX_BATCH)]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        return _in_blocks(lambda part: _search_blocked(rows, part, k, low), queries, THRESHOLD_MAX_BATCH)
     rows_t, queries_t = torch.from_numpy(rows), torch.from_numpy(queries)
     if not plan.rank:
         parts = _run([(_heap_range, rows_t, queries_t, k, lo, hi, plan.chunk) for lo, hi in plan.bounds])
