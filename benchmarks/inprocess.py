@@ -23,7 +23,7 @@ import torch
 
 from benchmarks.timing import reps_for, time_once
 from fgc_bank.local import LocalBank
-from fgc_bank.prefilter import Bf16Rows
+from fgc_bank.prefilter import Prefilter
 from fgc_bank.search import search_inner_product
 
 FAISS_BLAS_DATABASE_BS = 4096  # rows per FAISS GEMM block when its BLAS path is forced
@@ -50,9 +50,9 @@ def faiss_blas_forced(database_bs: int = FAISS_BLAS_DATABASE_BS) -> Iterator[Non
         faiss.cvar.distance_compute_blas_threshold, faiss.cvar.distance_compute_blas_database_bs = saved
 
 
-def methods(rows: np.ndarray, k: int, bank: LocalBank, bank_name: str, low: Bf16Rows | None) -> list[Method]:
+def methods(rows: np.ndarray, k: int, bank: LocalBank, bank_name: str, low: Prefilter | None) -> list[Method]:
     """Every in-process contender for top-``k`` over ``rows`` (N, D), which ``bank_name`` holds;
-    ``low`` is that bank's bfloat16 copy (None where the CPU has no native bfloat16)."""
+    ``low`` is that bank's low-precision copy (None where the CPU has no fast int8 or bfloat16)."""
     rows_t = torch.from_numpy(rows)
 
     def faiss_default(queries: np.ndarray) -> object:
@@ -71,7 +71,7 @@ def methods(rows: np.ndarray, k: int, bank: LocalBank, bank_name: str, low: Bf16
         Method("faiss-blas", "FAISS knn, BLAS path forced", faiss_blas),
         Method("torch-topk", "paper: torch.mm + topk", torch_topk),
         Method("search-fp32", "fgc-bank search, float32 only", lambda q: search_inner_product(rows, q, k)),
-        Method("search", "fgc-bank search, raw (bf16 prefilter where the CPU has it)",
+        Method("search", f"fgc-bank search, raw ({low.kind if low else 'no'} prefilter)",
                lambda q: search_inner_product(rows, q, k, low)),
         Method("bank", "fgc-bank in-process bank", lambda q: bank.knn(bank_name, q, k)),
     ]

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from fgc_bank import prefilter
 from fgc_bank.errors import BankError, ErrorCode
-from fgc_bank.prefilter import Bf16Rows, bf16_is_fast
 from fgc_bank.search import search_inner_product
 
 logger = logging.getLogger(__name__)
@@ -75,13 +75,18 @@ class BankConfig:
         size = self.nbytes()
         if size > max_bytes:
             raise BankError(ErrorCode.TOO_LARGE, f"bank {self.name!r} would take {size / 2**30:.2f} GiB "
-                            f"({self.rows} x {self.dim} float32{' and its bfloat16 copy' if bf16_is_fast() else ''}); "
+                            f"({self.rows} x {self.dim} float32{_copy_note()}); "
                             f"this server's limit is {max_bytes / 2**30:.2f} GiB")
 
     def nbytes(self) -> int:
-        """Memory the bank's rows take: float32, plus the bfloat16 copy (one more column) on
-        CPUs that search with it."""
-        return self.rows * self.dim * 4 + (self.rows * (self.dim + 1) * 2 if bf16_is_fast() else 0)
+        """Memory the bank's rows take: float32, plus the low-precision copy on CPUs that search
+        with one (``prefilter.best_kind``)."""
+        return self.rows * self.dim * 4 + prefilter.copy_bytes(self.rows, self.dim, prefilter.best_kind())
+
+
+def _copy_note() -> str:
+    kind = prefilter.best_kind()
+    return f" and its {kind} copy" if kind else ""
 
 
 @dataclass(frozen=True)
@@ -140,9 +145,9 @@ class OpResult:
 class MemoryBank:
     """N x D float32 rows with a momentum update and exact inner-product search.
 
-    On CPUs with native bfloat16 (``prefilter.bf16_is_fast``) the bank also keeps a bfloat16 copy
-    of its rows, refreshed wherever rows are written (:meth:`_apply_update`, under the lock), which
-    the search uses to find candidates before it ranks them in float32.
+    On CPUs with int8 or bfloat16 dot products (``prefilter.best_kind``) the bank also keeps a
+    low-precision copy of its rows, refreshed wherever rows are written (:meth:`_apply_update`,
+    under the lock), which the search uses to find candidates before it ranks them in float32.
     """
 
     def __init__(self, config: BankConfig, rows: torch.Tensor | None = None) -> None:
@@ -152,7 +157,7 @@ class MemoryBank:
             raise BankError(ErrorCode.BANK_MISMATCH, f"rows of shape {tuple(self.rows.shape)} "
                             f"do not fit bank {config.name!r} ({config.rows} x {config.dim} float32)")
         self.rows_np = self.rows.numpy()  # shares memory: FAISS searches the live rows
-        self.low = Bf16Rows(self.rows_np) if bf16_is_fast() else None
+        self.low = prefilter.make(self.rows_np, prefilter.best_kind())
         self.counters = {"updates": 0, "rows_updated": 0, "searches": 0, "queries": 0,
                          "coalesced_calls": 0}
         self.lock = threading.Lock()

@@ -33,13 +33,13 @@ What this module does instead:
     hundred candidates per query survive, packed as sortable uint64 (score bits, row id) keys.
     Exactness is checked, not assumed: an answer is exact when its k-th score is above the
     threshold; a query that fails the check is searched again with ``faiss.knn``.
-  - threshold with a bfloat16 prefilter, when the caller keeps a bfloat16 copy of the rows
-    (``fgc_bank.prefilter``; the bank does on CPUs with native bfloat16): the chunk GEMM runs in
-    bfloat16 (about 2x the float32 rate), each query's threshold lowered by a proven bound on the
-    bfloat16 error and folded into the GEMM as one more column, so the filter is a sign test. The
-    rows that pass are scored again in float32 (``faiss.pairwise_indexed_inner_product``) while
-    still in cache; from there on it is the float32 threshold search. The cost model picks it for
-    all three benchmark shapes.
+  - threshold with a prefilter, when the caller keeps a low-precision copy of the rows
+    (``fgc_bank.prefilter``; the bank does on CPUs with int8 or bfloat16 dot products): the chunk
+    GEMM runs in int8 (about 4.5x the float32 rate here) or bfloat16 (2.9x), each query's
+    threshold lowered by a proven bound on the low-precision error and folded into the GEMM, so
+    the filter is one test per score. The rows that pass are scored again in float32
+    (``faiss.pairwise_indexed_inner_product``) while still in cache; from there on it is the
+    float32 threshold search. The cost model picks it for all three benchmark shapes.
 
 Thread-safety: any number of threads may call :func:`search_inner_product` at once; the work goes
 to one shared pool, and scratch buffers belong to the pool threads.
@@ -59,10 +59,10 @@ import faiss
 import numpy as np
 import torch
 
-from fgc_bank.prefilter import Bf16Rows, biased_queries
+from fgc_bank.prefilter import Prefilter, Scan
 
 SCORES_PER_CHUNK = 1 << 20  # threshold strategy: one thread's (c, B) score buffer, 4 MB
-BF16_SCORES_PER_CHUNK = 1 << 21  # the same in bfloat16, 4 MB (fewer, larger chunks measured faster)
+FILTER_SCORES_PER_CHUNK = 1 << 21  # the same through a prefilter (fewer, larger chunks measured faster)
 THRESHOLD_MAX_BATCH = 512  # threshold strategy: more queries are searched in blocks (cache-sized)
 HEAP_SCORES_PER_CHUNK = 1 << 19  # heap strategy: one thread's (B, c) score buffer, 2 MB
 MIN_ROWS_PER_THREAD = 4096  # below this a thread's share is not worth the hand-off
@@ -75,8 +75,6 @@ SAMPLE_ROW_NS = 0.6  # one sampled score through the group maximum and topk, bey
 FLOP_NS = 0.011  # one flop of a single-threaded sgemm
 SAMPLE_GROUP = 8  # sample scores per group whose maximum stands for them in the threshold
 THRESHOLD_SCAN_NS = 0.45  # one score through compare + flatnonzero
-BF16_FLOP_NS = 0.0047  # one flop of a single-threaded bfloat16 GEMM (AVX512-BF16)
-BF16_SCAN_NS = 0.3  # one bfloat16 score through the sign test + packbits + flatnonzero
 RESCORE_NS = 6.0  # one candidate scored again in float32 (faiss.pairwise_indexed_inner_product)
 HEAP_SCAN_NS = 0.3  # one score through a FAISS heap's compare
 HEAP_INSERT_NS, HEAP_LEVEL_NS = 10.0, 6.0  # one heap insertion: fixed + per level of the heap
@@ -112,7 +110,7 @@ def search_threads() -> int:
 
 
 def search_inner_product(rows: np.ndarray, queries: np.ndarray, k: int,
-                         low: Bf16Rows | None = None) -> tuple[np.ndarray, np.ndarray]:
+                         low: Prefilter | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k rows by inner product with each query, exact.
 
     Parameters
@@ -120,8 +118,8 @@ def search_inner_product(rows: np.ndarray, queries: np.ndarray, k: int,
     rows : (N, D) float32, C-contiguous; searched in place, never copied.
     queries : (B, D) float32.
     k : 1 <= k <= N.
-    low : a bfloat16 copy of ``rows`` kept in step with them (``fgc_bank.prefilter``): candidates
-        are then found in bfloat16 and ranked in float32, with the same answer.
+    low : a low-precision copy of ``rows`` kept in step with them (``fgc_bank.prefilter``):
+        candidates are then found in low precision and ranked in float32, with the same answer.
 
     Returns
     -------
@@ -129,7 +127,7 @@ def search_inner_product(rows: np.ndarray, queries: np.ndarray, k: int,
     ids : (B, k) int64 row ids (ties between equal scores in any order).
     """
     if low is not None and low.source is not rows:
-        raise ValueError("low must be the bfloat16 copy of these very rows (Bf16Rows(rows))")
+        raise ValueError("low must be the copy of these very rows (prefilter.make(rows, kind))")
     if rows.ndim != 2 or queries.ndim != 2 or rows.shape[1] != queries.shape[1]:
         raise ValueError(f"rows (N, D) and queries (B, D) must share D, got {rows.shape} and {queries.shape}")
     if not 1 <= k <= rows.shape[0]:
@@ -168,10 +166,10 @@ class _Plan:
     chunk: int
     stride: int  # threshold strategy: the sample is every stride-th row
     rank: int  # threshold strategy: the threshold is the rank-th best sample score; 0: heaps
-    bf16: bool = False  # threshold strategy: scan the bfloat16 copy, rescore candidates in float32
+    prefilter: bool = False  # threshold strategy: scan the low-precision copy, rescore in float32
 
 
-def _plan(n: int, d: int, b: int, k: int, bf16: bool = False) -> _Plan:
+def _plan(n: int, d: int, b: int, k: int, low: Prefilter | None = None) -> _Plan:
     threads = max(1, min(search_threads(), n // MIN_ROWS_PER_THREAD))
     cuts = [n * t // threads for t in range(threads + 1)]
     bounds = tuple(itertools.pairwise(cuts))
@@ -180,12 +178,12 @@ def _plan(n: int, d: int, b: int, k: int, bf16: bool = False) -> _Plan:
     inserts = k * (1.0 + math.log(max(share / k, 1.0)))  # expected heap insertions
     heap_ns = share * (2 * d * FLOP_NS + HEAP_SCAN_NS) \
         + inserts * (HEAP_INSERT_NS + HEAP_LEVEL_NS * math.log2(k + 1))
-    sample_ns, stride, rank = _threshold_sample(n, d, k, RESCORE_NS if bf16 else 0.0)
-    scan_ns = share * (2 * d * BF16_FLOP_NS + BF16_SCAN_NS if bf16 else 2 * d * FLOP_NS + THRESHOLD_SCAN_NS)
+    sample_ns, stride, rank = _threshold_sample(n, d, k, RESCORE_NS if low else 0.0)
+    scan_ns = share * (2 * d * low.flop_ns + low.scan_ns if low else 2 * d * FLOP_NS + THRESHOLD_SCAN_NS)
     if heap_ns <= scan_ns + sample_ns / threads:
         return _Plan(bounds, max(64, min(share, HEAP_SCORES_PER_CHUNK // b)), 0, 0)
-    budget = BF16_SCORES_PER_CHUNK if bf16 else SCORES_PER_CHUNK
-    return _Plan(bounds, max(64, min(share, budget // b)), stride, rank, bf16)
+    budget = FILTER_SCORES_PER_CHUNK if low else SCORES_PER_CHUNK
+    return _Plan(bounds, max(64, min(share, budget // b)), stride, rank, low is not None)
 
 
 def _threshold_sample(n: int, d: int, k: int, rescore_ns: float = 0.0) -> tuple[float, int, int]:
@@ -253,8 +251,8 @@ def _run(tasks: list[tuple]) -> list:
 
 
 def _search_blocked(rows: np.ndarray, queries: np.ndarray, k: int,
-                    low: Bf16Rows | None) -> tuple[np.ndarray, np.ndarray]:
-    plan = _plan(rows.shape[0], rows.shape[1], queries.shape[0], k, low is not None)
+                    low: Prefilter | None) -> tuple[np.ndarray, np.ndarray]:
+    plan = _plan(rows.shape[0], rows.shape[1], queries.shape[0], k, low)
     if plan.rank and queries.shape[0] > THRESHOLD_MAX_BATCH:  # e.g. coalesced requests
         return _in_blocks(lambda part: _search_blocked(rows, part, k, low), queries, THRESHOLD_MAX_BATCH)
     rows_t, queries_t = torch.from_numpy(rows), torch.from_numpy(queries)
@@ -266,12 +264,13 @@ def _search_blocked(rows: np.ndarray, queries: np.ndarray, k: int,
     pooled = np.concatenate(samples, axis=1)  # (B, threads * rank)
     column = pooled.shape[1] - plan.rank  # the rank-th best of all threads' samples
     threshold = np.ascontiguousarray(np.partition(pooled, column, axis=1)[:, column])
-    biased = biased_queries(queries, threshold, low) if plan.bf16 else None
-    if biased is None:
+    # prepared on a search thread: its torch ops then run single-threaded, with no OpenMP team
+    # left spinning on the cores the scan is about to use
+    scan = _run([(low.prepare, queries, threshold)])[0] if plan.prefilter else None
+    if scan is None:
         found = _run([(_scan, rows_t, queries_t, threshold, lo, hi, plan) for lo, hi in plan.bounds])
     else:
-        found = _run([(_scan_bf16, rows, low.rows, queries, biased, threshold, lo, hi, plan)
-                      for lo, hi in plan.bounds])
+        found = _run([(_scan_filtered, rows, queries, scan, threshold, lo, hi, plan) for lo, hi in plan.bounds])
     scores = np.empty((b, k), dtype=np.float32)
     ids = np.empty((b, k), dtype=np.int64)
     cuts = [b * t // len(found) for t in range(len(found) + 1)]
@@ -391,22 +390,15 @@ def _group(b: int, found_q: list[np.ndarray], found_v: list[np.ndarray],
     return np.bincount(query, minlength=b), keys
 
 
-def _scan_bf16(rows: np.ndarray, rows16: torch.Tensor, queries: np.ndarray, biased: torch.Tensor,
-               threshold: np.ndarray, lo: int, hi: int, plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_scan` with a bfloat16 GEMM as the filter: ``rows16 @ biased.T`` is ``>= 0`` for every
-    row whose float32 score beats its query's threshold (``fgc_bank.prefilter``); those rows are
-    scored again in float32 while they are still in cache, and kept if they beat it."""
+def _scan_filtered(rows: np.ndarray, queries: np.ndarray, scan: Scan, threshold: np.ndarray,
+                   lo: int, hi: int, plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_scan` with a prefilter: ``scan`` (``fgc_bank.prefilter``) finds, per chunk, a
+    superset of the (row, query) pairs whose float32 score beats the query's threshold; those are
+    scored again in float32 while the rows are still in cache, and kept if they beat it."""
     b, d = queries.shape
-    low = _scratch("scores16", plan.chunk * b, torch.bfloat16)
-    low_bits = low.view(torch.int16).numpy()
-    mask = _scratch("mask", plan.chunk * b, torch.bool).numpy()
-    biased_t = biased.T  # (D + 1, B) view
     found_q, found_v, found_r = [], [], []
     for j0 in range(lo, hi, plan.chunk):
-        n = min(plan.chunk, hi - j0)
-        torch.mm(rows16[j0:j0 + n], biased_t, out=low[:n * b].view(n, b))  # (n, B): score - tau
-        np.greater_equal(low_bits[:n * b], 0, out=mask[:n * b])  # the sign bit, as int16
-        row, query = np.divmod(_sparse_nonzero(mask[:n * b]), b)
+        row, query = np.divmod(scan(j0, min(plan.chunk, hi - j0)), b)
         row += j0
         exact = np.empty(row.size, dtype=np.float32)
         faiss.pairwise_indexed_inner_product(d, row.size, faiss.swig_ptr(queries), faiss.swig_ptr(query),
@@ -416,15 +408,6 @@ def _scan_bf16(rows: np.ndarray, rows16: torch.Tensor, queries: np.ndarray, bias
         found_q.append(query[keep])
         found_r.append(row[keep])
     return _group(b, found_q, found_v, found_r)
-
-
-def _sparse_nonzero(mask: np.ndarray) -> np.ndarray:
-    """``np.flatnonzero`` of a 1-D bool array with few True, faster: pack 8 per byte, find the
-    non-zero bytes (a bool scan 8x shorter), unpack only those."""
-    packed = np.packbits(mask)
-    at = np.flatnonzero(packed.view(np.bool_))
-    bits = np.flatnonzero(np.unpackbits(packed[at]).view(np.bool_))
-    return at[bits >> 3] * 8 + (bits & 7)
 
 
 def _finish(found: list[tuple[np.ndarray, np.ndarray]], threshold: np.ndarray, qa: int, qb: int,
