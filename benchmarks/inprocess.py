@@ -4,8 +4,10 @@
 - ``faiss-blas``: the same call with FAISS's BLAS path forced (``distance_compute_blas_threshold``
   lowered so a 256-query batch is one GEMM per block instead of a per-query scan).
 - ``torch-topk``: the FGC paper's search, one dense ``torch.mm`` over the whole bank and ``topk``.
+- ``search-fp32``, ``search-bf16``: fgc-bank's search with no prefilter, and with the bfloat16
+  one (where the bank uses int8): what the prefilters buy, side by side.
 - ``search``: :func:`fgc_bank.search.search_inner_product` called directly: the bank's own search,
-  configured as the bank configures it (same threads), with no bank around it.
+  configured as the bank configures it (same threads, same prefilter), with no bank around it.
 - ``bank``: ``knn`` on an in-process :class:`~fgc_bank.local.LocalBank` (protocol encode/decode,
   validation, the bank's bookkeeping, then the same search).
 """
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from benchmarks.timing import reps_for, time_once
+from fgc_bank import prefilter
 from fgc_bank.local import LocalBank
 from fgc_bank.prefilter import Prefilter
 from fgc_bank.search import search_inner_product
@@ -66,11 +69,17 @@ def methods(rows: np.ndarray, k: int, bank: LocalBank, bank_name: str, low: Pref
         scores = torch.mm(torch.from_numpy(queries), rows_t.T)  # (B, N), as the paper's bank does
         return torch.topk(scores, k, dim=1)
 
+    others = []
+    if low is not None and low.kind != "bf16":  # the bfloat16 prefilter beside the one the bank uses
+        bf16 = prefilter.make(rows, "bf16")
+        others.append(Method("search-bf16", "fgc-bank search, bf16 prefilter",
+                             lambda q: search_inner_product(rows, q, k, bf16)))
     return [
         Method("faiss-default", "FAISS knn, default settings", faiss_default),
         Method("faiss-blas", "FAISS knn, BLAS path forced", faiss_blas),
         Method("torch-topk", "paper: torch.mm + topk", torch_topk),
         Method("search-fp32", "fgc-bank search, float32 only", lambda q: search_inner_product(rows, q, k)),
+        *others,
         Method("search", f"fgc-bank search, raw ({low.kind if low else 'no'} prefilter)",
                lambda q: search_inner_product(rows, q, k, low)),
         Method("bank", "fgc-bank in-process bank", lambda q: bank.knn(bank_name, q, k)),

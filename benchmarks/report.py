@@ -11,7 +11,7 @@ from typing import Any
 
 # Ratios the issue asks for, per workload: (what, numerator, denominator, goal).
 TARGET_BOUND = {"cifar": 0.6, "imagenet-128": 0.75, "imagenet-512": 0.75}
-ORDER = ["faiss-default", "faiss-blas", "torch-topk", "search-fp32", "search", "bank"]  # in-process contenders
+ORDER = ["faiss-default", "faiss-blas", "torch-topk", "search-fp32", "search-bf16", "search", "bank"]  # in-process contenders
 PIPELINED = "server-1-pipelined"  # one client, two requests in flight
 LIBRARIES = ["torch", "faiss-cpu", "numpy", "pyzmq", "msgpack", "click", "matplotlib"]
 
@@ -69,7 +69,7 @@ def checks(results: list[dict[str, Any]]) -> list[Check]:
             out.append(Check(name, "server, 4 clients (aggregate) / search in process",
                              qps_of(r, "server-4") / qps_of(r, "search"), 1.0))
         out.append(Check(name, "in-process bank / search in process", qps_of(r, "bank") / qps_of(r, "search"), 0.95))
-        for other in ("torch-topk", "faiss-default", "faiss-blas", "search-fp32"):
+        for other in ("torch-topk", "faiss-default", "faiss-blas", "search-fp32", "search-bf16"):
             if other in have:
                 out.append(Check(name, f"search / {other}", qps_of(r, "search") / qps_of(r, other), None))
     return out

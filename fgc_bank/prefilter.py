@@ -98,6 +98,7 @@ class Prefilter(abc.ABC):
     kind: str
     flop_ns: float  # one flop of the GEMM on one thread (the search's cost model)
     scan_ns: float  # one score through the test and the compaction
+    chunk_scores: int  # scores per chunk and thread (its output: a few MB; fewer, larger chunks measured faster)
 
     def __init__(self, rows: np.ndarray) -> None:
         if rows.dtype != np.float32 or rows.ndim != 2:
@@ -155,6 +156,7 @@ class Bf16Rows(Prefilter):
     kind = "bf16"
     flop_ns = 0.0047  # AVX512-BF16
     scan_ns = 0.3
+    chunk_scores = 1 << 21
 
     def _allocate(self) -> None:
         n, d = self.source.shape
@@ -240,6 +242,7 @@ class Int8Rows(Prefilter):
     kind = "int8"
     flop_ns = 0.003  # VNNI, at cifar's shape
     scan_ns = 0.25
+    chunk_scores = 1 << 22
     HEADROOM = 1.5
 
     def _allocate(self) -> None:

@@ -62,7 +62,6 @@ import torch
 from fgc_bank.prefilter import Prefilter, Scan
 
 SCORES_PER_CHUNK = 1 << 20  # threshold strategy: one thread's (c, B) score buffer, 4 MB
-FILTER_SCORES_PER_CHUNK = 1 << 21  # the same through a prefilter (fewer, larger chunks measured faster)
 THRESHOLD_MAX_BATCH = 512  # threshold strategy: more queries are searched in blocks (cache-sized)
 HEAP_SCORES_PER_CHUNK = 1 << 19  # heap strategy: one thread's (B, c) score buffer, 2 MB
 MIN_ROWS_PER_THREAD = 4096  # below this a thread's share is not worth the hand-off
@@ -182,7 +181,7 @@ def _plan(n: int, d: int, b: int, k: int, low: Prefilter | None = None) -> _Plan
     scan_ns = share * (2 * d * low.flop_ns + low.scan_ns if low else 2 * d * FLOP_NS + THRESHOLD_SCAN_NS)
     if heap_ns <= scan_ns + sample_ns / threads:
         return _Plan(bounds, max(64, min(share, HEAP_SCORES_PER_CHUNK // b)), 0, 0)
-    budget = FILTER_SCORES_PER_CHUNK if low else SCORES_PER_CHUNK
+    budget = low.chunk_scores if low else SCORES_PER_CHUNK
     return _Plan(bounds, max(64, min(share, budget // b)), stride, rank, low is not None)
 
 
