@@ -70,7 +70,7 @@ def methods(rows: np.ndarray, k: int, bank: LocalBank, bank_name: str, low: Pref
         return torch.topk(scores, k, dim=1)
 
     others = []
-    if low is not None and low.kind != "bf16":  # the bfloat16 prefilter beside the one the bank uses
+    if bf16_beside(low.kind if low else None):
         bf16 = prefilter.make(rows, "bf16")
         others.append(Method("search-bf16", "fgc-bank search, bf16 prefilter",
                              lambda q: search_inner_product(rows, q, k, bf16)))
@@ -84,6 +84,16 @@ def methods(rows: np.ndarray, k: int, bank: LocalBank, bank_name: str, low: Pref
                lambda q: search_inner_product(rows, q, k, low)),
         Method("bank", "fgc-bank in-process bank", lambda q: bank.knn(bank_name, q, k)),
     ]
+
+
+def bf16_beside(kind: str | None) -> bool:
+    """Whether the bfloat16 prefilter is measured beside the bank's own (an int8 one)."""
+    return kind not in (None, "bf16")
+
+
+def count(kind: str | None) -> int:
+    """How many contenders :func:`methods` returns for a bank with a ``kind`` prefilter."""
+    return 6 + bf16_beside(kind)
 
 
 def measure(contenders: Sequence[Method], batches: Sequence[np.ndarray], budget_s: float,

@@ -12,6 +12,7 @@ import numpy as np
 from benchmarks import inprocess, remote
 from benchmarks.timing import Latency, Peak, Stats, reps_for
 from benchmarks.workloads import Workload, make_queries, make_update_ids
+from fgc_bank import prefilter
 from fgc_bank.api import connect
 from fgc_bank.local import LocalBank
 from fgc_bank.search import set_threads
@@ -34,7 +35,7 @@ class Settings:
 
 def steps(settings: Settings) -> int:
     """Progress-bar steps per workload (see :func:`run_workload`)."""
-    return 1 + 2 * 5 + 2 + 1 + 2 * len(settings.clients) + 3
+    return 1 + 2 * inprocess.count(prefilter.best_kind()) + 3 + 2 * len(settings.clients) + 3
 
 
 def run_workload(workload: Workload, peak: Peak, settings: Settings, tick: Callable[[str], None]) -> dict[str, Any]:
