@@ -1,8 +1,8 @@
 """Low-precision copies of the bank's rows: a cheap first pass that the exact search then checks.
 
 A low-precision GEMM runs much faster than the float32 one on CPUs with the right instructions
-(2-core EPYC, one thread: float32 73, bfloat16 210, int8 330 GMAC-flop/s at cifar's shape). The
-search uses it to *find* candidates and float32 to *rank* them, so answers stay those of a
+(2-core EPYC, one thread, cifar's shape: float32 73, bfloat16 210, int8 330 G flops per second).
+The search uses it to *find* candidates and float32 to *rank* them, so answers stay those of a
 float32 brute force. Two copies, one interface (:class:`Prefilter`):
 
 - :class:`Int8Rows` (CPUs with VNNI: AVX512-VNNI, AVX-VNNI, AMX): rows quantised to uint8 with
@@ -277,7 +277,7 @@ class Int8Rows(Prefilter):
         q_error = np.linalg.norm(queries - rounded, axis=1)
         gamma = 1.01 * (d + 1) * U_FP32  # the float32 reference score, summed in any order
         largest = float((q_low * (row_norm + row_error)).max(initial=0.0))  # bounds |q'.r'|
-        if not 1e-30 < largest < 1e30:  # out_scale below stays a normal float32
+        if not 1e-20 < largest < 1e30:  # the scales' product and out_scale stay normal float32s
             return None
         out_scale = largest * 2.0**-20
         value = q_error * row_norm + q_low * row_error + gamma * q * row_norm

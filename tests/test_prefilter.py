@@ -148,10 +148,14 @@ def test_biased_queries_refuse_sums_that_could_overflow() -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_prepare_refuses_what_it_cannot_bound(kind: str) -> None:
-    """Sums that could overflow, and non-finite thresholds: no filter (the search goes float32)."""
+    """Sums that could overflow, and non-finite thresholds: no filter (the search goes float32);
+    for int8 also sums so small that oneDNN's scales would be denormal (and could be flushed)."""
     rows = make_bank(100, 8) * np.float32(1e20)
     low = prefilter.make(rows, kind)
     assert low.prepare(make_bank(4, 8) * np.float32(1e20), np.zeros(4, np.float32)) is None
+    if kind == "int8":
+        tiny = prefilter.make(make_bank(100, 8) * np.float32(1e-12), kind)
+        assert tiny.prepare(make_bank(4, 8) * np.float32(1e-12), np.zeros(4, np.float32)) is None
     fine = prefilter.make(make_bank(100, 8), kind)
     assert fine.prepare(make_bank(4, 8), np.array([0, np.inf, 0, 0], np.float32)) is None
     assert fine.prepare(make_bank(4, 8), np.zeros(4, np.float32)) is not None
