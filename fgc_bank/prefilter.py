@@ -175,9 +175,9 @@ class Bf16Rows(Prefilter):
         b = queries.shape[0]
 
         def scan(j0: int, m: int) -> np.ndarray:
-            out = _scratch("bf16", m * b, torch.bfloat16)
+            out = scratch("bf16", m * b, torch.bfloat16)
             torch.mm(self.rows[j0:j0 + m], biased_t, out=out.view(m, b))  # (m, B): score - tau
-            mask = _scratch("mask", m * b, torch.bool).numpy()
+            mask = scratch("mask", m * b, torch.bool).numpy()
             np.greater_equal(out.view(torch.int16).numpy(), 0, out=mask)  # the sign bit, as int16
             return sparse_nonzero(mask)
 
@@ -328,8 +328,9 @@ def _int8_gemm_is_exact() -> bool:
 _local = threading.local()
 
 
-def _scratch(name: str, size: int, dtype: torch.dtype) -> torch.Tensor:
-    """A flat buffer of at least ``size`` elements owned by this thread, viewed to ``size``."""
+def scratch(name: str, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat buffer of ``size`` elements owned by this thread (grown, never shrunk): the search
+    threads' reusable outputs."""
     buffers = _local.__dict__.setdefault("buffers", {})
     buf = buffers.get(name)
     if buf is None or buf.numel() < size:

@@ -59,7 +59,7 @@ import faiss
 import numpy as np
 import torch
 
-from fgc_bank.prefilter import Prefilter, Scan
+from fgc_bank.prefilter import Prefilter, Scan, scratch
 
 SCORES_PER_CHUNK = 1 << 20  # threshold strategy: one thread's (c, B) score buffer, 4 MB
 THRESHOLD_MAX_BATCH = 512  # threshold strategy: more queries are searched in blocks (cache-sized)
@@ -81,7 +81,7 @@ HEAP_INSERT_NS, HEAP_LEVEL_NS = 10.0, 6.0  # one heap insertion: fixed + per lev
 _pool_lock = threading.Lock()
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_threads = 0  # 0: one per core
-_local = threading.local()  # scratch buffers of a pool thread, and the "in the pool" mark
+_local = threading.local()  # the "in the pool" mark of a pool thread
 
 
 def set_threads(threads: int) -> None:
@@ -305,15 +305,6 @@ def _knn_range(rows: np.ndarray, queries: np.ndarray, k: int, lo: int, hi: int) 
 # -- the phases, each run on every search thread --------------------------------------------------
 
 
-def _scratch(name: str, size: int, dtype: torch.dtype) -> torch.Tensor:
-    """A flat buffer of at least ``size`` elements owned by this pool thread."""
-    buffers = _local.__dict__.setdefault("buffers", {})
-    buf = buffers.get(name)
-    if buf is None or buf.numel() < size:
-        buf = buffers[name] = torch.empty(size, dtype=dtype)
-    return buf
-
-
 def _heap_range(rows: torch.Tensor, queries: torch.Tensor, k: int, lo: int, hi: int,
                 chunk: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of rows[lo:hi] through one FAISS min-heap per query: (scores, ids), (B, k), best first."""
@@ -321,7 +312,7 @@ def _heap_range(rows: torch.Tensor, queries: torch.Tensor, k: int, lo: int, hi: 
     vals = np.empty((b, k), dtype=np.float32)
     ids = np.empty((b, k), dtype=np.int64)
     heaps = _heaps(vals, ids)
-    scores = _scratch("scores", chunk * b, torch.float32)
+    scores = scratch("scores", chunk * b, torch.float32)
     for j0 in range(lo, hi, chunk):
         n = min(chunk, hi - j0)
         torch.mm(queries, rows[j0:j0 + n].T, out=scores[:n * b].view(b, n))  # (B, n), as heaps read
@@ -353,7 +344,7 @@ def _sample_best(rows: torch.Tensor, queries: torch.Tensor, plan: _Plan) -> np.n
     if m < SAMPLE_GROUP * rank:  # too few sample rows to group: take the plain rank best
         best = torch.mm(queries, sample.T).numpy()
     else:
-        scores = _scratch("sample", m * b, torch.float32)[:m * b].view(b, m)
+        scores = scratch("sample", m * b, torch.float32)[:m * b].view(b, m)
         torch.mm(queries, sample[:m].T, out=scores)  # (B, m)
         best = scores.view(b, SAMPLE_GROUP, m // SAMPLE_GROUP).amax(dim=1).numpy()  # (B, m / group)
     return np.partition(best, best.shape[1] - rank, axis=1)[:, best.shape[1] - rank:]
@@ -364,9 +355,9 @@ def _scan(rows: torch.Tensor, queries: torch.Tensor, threshold: np.ndarray, lo: 
     """Rows[lo:hi] scoring above each query's threshold, grouped by query: (counts (B,), keys)."""
     b = queries.shape[0]
     above = np.ascontiguousarray(threshold)[None, :]  # (1, B); contiguous, or numpy's compare loses SIMD
-    scores = _scratch("scores", plan.chunk * b, torch.float32)
+    scores = scratch("scores", plan.chunk * b, torch.float32)
     flat = scores.numpy()
-    mask = _scratch("mask", plan.chunk * b, torch.bool).numpy()
+    mask = scratch("mask", plan.chunk * b, torch.bool).numpy()
     queries_t = queries.T  # (D, B) view: the GEMM reads it transposed, no copy
     found_q, found_v, found_r = [], [], []
     for j0 in range(lo, hi, plan.chunk):
