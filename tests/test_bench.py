@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from benchmarks import report
+from benchmarks import inprocess, report
 from benchmarks.cli import bench
 from benchmarks.timing import Latency, Stats
 from benchmarks.workloads import WORKLOADS, make_queries, make_update_ids
@@ -34,7 +34,7 @@ def test_quick_bench_writes_json_chart_and_page(tmp_path: Path) -> None:
     (res,) = run["results"]
     assert res["workload"] == {"name": "cifar", "rows": 9000, "dim": 64, "k": 200, "batch": 256}
     assert res["bound_qps"] == pytest.approx(run["peak"]["gflops"] * 1e9 / (2 * 9000 * 64))
-    bf16_beside = {"search-bf16"} if prefilter.best_kind() not in (None, "bf16") else set()
+    bf16_beside = {"search-bf16"} if inprocess.bf16_beside(prefilter.best_kind()) else set()
     assert set(res["methods"]) == {"faiss-default", "faiss-blas", "torch-topk", "search-fp32", "search", "bank"} | bf16_beside
     for entry in [*res["methods"].values(), *res["server"]["clients"].values()]:
         stats = entry["qps"]
