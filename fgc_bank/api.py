@@ -38,6 +38,25 @@ def as_rows(rows: Any) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
+def _update_request(name: str, ids: Any, rows: Any, mode: str) -> Request:
+    return Request("update", name, {"mode": mode}, {"ids": as_ids(ids), "rows": as_rows(rows)})
+
+
+def _knn_request(name: str, queries: Any, k: int, exclude: Any) -> Request:
+    arrays = {"queries": as_rows(queries)}
+    if exclude is not None:
+        arrays["exclude"] = as_ids(exclude, "exclude")
+    return Request("knn", name, {"k": int(k)}, arrays)
+
+
+def _knn_update_request(name: str, ids: Any, features: Any, k: int) -> Request:
+    return Request("knn_update", name, {"k": int(k)}, {"ids": as_ids(ids), "features": as_rows(features)})
+
+
+def _version(reply: Reply) -> int:
+    return int(reply.result.get("version", 0))
+
+
 def _knn_result(reply: Reply) -> KnnResult:
     return KnnResult(reply.arrays["scores"], reply.arrays["ids"], int(reply.result.get("version", 0)))
 
@@ -53,6 +72,7 @@ class BankHandle(abc.ABC):
         """Send ``request``; the future resolves to ``decode(reply)`` or raises its BankError."""
 
     def _call(self, request: Request, decode: Callable[[Reply], T]) -> T:
+        """A blocking call; a transport may answer it without the future (``BankClient`` does)."""
         return self._submit(request, decode).result()
 
     def __enter__(self) -> Self:
@@ -90,33 +110,28 @@ class BankHandle(abc.ABC):
     def update_async(self, name: str, ids: Any, rows: Any, *, mode: str = "momentum") -> concurrent.futures.Future[int]:
         """Write ``rows`` (B, D) into ``ids`` (B,): FGC's momentum rule, or ``mode="overwrite"``.
         Resolves to the bank's version (update count) after this update."""
-        request = Request("update", name, {"mode": mode}, {"ids": as_ids(ids), "rows": as_rows(rows)})
-        return self._submit(request, lambda r: int(r.result.get("version", 0)))
+        return self._submit(_update_request(name, ids, rows, mode), _version)
 
     def update(self, name: str, ids: Any, rows: Any, *, mode: str = "momentum") -> int:
         """Blocking :meth:`update_async`; returns the bank's version after the update."""
-        return self.update_async(name, ids, rows, mode=mode).result()
+        return self._call(_update_request(name, ids, rows, mode), _version)
 
     def knn_async(self, name: str, queries: Any, k: int, *, exclude: Any = None) -> concurrent.futures.Future[KnnResult]:
         """Top-k rows by inner product for each query (B, D); ``exclude`` (B,) drops one id each."""
-        arrays = {"queries": as_rows(queries)}
-        if exclude is not None:
-            arrays["exclude"] = as_ids(exclude, "exclude")
-        return self._submit(Request("knn", name, {"k": int(k)}, arrays), _knn_result)
+        return self._submit(_knn_request(name, queries, k, exclude), _knn_result)
 
     def knn(self, name: str, queries: Any, k: int, *, exclude: Any = None) -> KnnResult:
         """Blocking :meth:`knn_async`."""
-        return self.knn_async(name, queries, k, exclude=exclude).result()
+        return self._call(_knn_request(name, queries, k, exclude), _knn_result)
 
     def knn_update_async(self, name: str, ids: Any, features: Any, k: int) -> concurrent.futures.Future[KnnResult]:
         """FGC's step: top-k of ``features`` against the rows as they were (own id excluded), then
         the momentum update of rows ``ids``. Issue it as soon as the features exist; collect later."""
-        arrays = {"ids": as_ids(ids), "features": as_rows(features)}
-        return self._submit(Request("knn_update", name, {"k": int(k)}, arrays), _knn_result)
+        return self._submit(_knn_update_request(name, ids, features, k), _knn_result)
 
     def knn_update(self, name: str, ids: Any, features: Any, k: int) -> KnnResult:
         """Blocking :meth:`knn_update_async`."""
-        return self.knn_update_async(name, ids, features, k).result()
+        return self._call(_knn_update_request(name, ids, features, k), _knn_result)
 
     def gather(self, name: str, ids: Any) -> np.ndarray:
         """Rows ``ids`` (B,) -> (B, D) float32."""
