@@ -1,0 +1,99 @@
+"""The client's two paths to one socket: blocking calls on the caller's thread, async calls through
+the I/O thread. Whichever path a call takes, calls from one client keep their order, threads never
+corrupt each other's messages, and close() ends every wait."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import TIME_FACTOR, assert_same_knn, brute_force_knn
+
+from fgc_bank.client import BankClient
+from fgc_bank.errors import BankUnavailable
+
+
+def test_a_blocking_call_never_overtakes_async_calls_issued_before_it(server: str, monkeypatch) -> None:
+    """update_async (overwrite) then at once a blocking gather: the gather sees every write, even
+    when the I/O thread is slow to wake (here by 20 ms) and the socket is free when gather starts."""
+    rng = np.random.default_rng(0)
+    with BankClient(server) as bank:
+        bank.create("order-sync", 512, 8, seed=1)
+        wake_up = bank._idle.poll
+
+        def slow_wake_up(*args: object) -> list:
+            events = wake_up(*args)
+            time.sleep(0.02)
+            return events
+
+        monkeypatch.setattr(bank._idle, "poll", slow_wake_up)
+        for round_ in range(40):
+            ids = rng.choice(512, 64, replace=False)
+            writes = [rng.standard_normal((64, 8)).astype(np.float32) for _ in range(3)]
+            futures = [bank.update_async("order-sync", ids, w, mode="overwrite") for w in writes]
+            got = bank.gather("order-sync", ids)  # blocking, issued while the updates may be unsent
+            assert np.array_equal(got, writes[-1]), f"round {round_}: the gather overtook an update"
+            assert [f.result() for f in futures] == sorted(f.result() for f in futures)
+        bank.drop("order-sync")
+
+
+def test_blocking_and_async_calls_from_many_threads_get_their_own_answers(server: str) -> None:
+    """Eight threads mix blocking knn and knn_async on one client: each answer is its query's."""
+    rng = np.random.default_rng(1)
+    rows = rng.standard_normal((3000, 16)).astype(np.float32)
+    failures: list[str] = []
+    with BankClient(server) as bank:
+        bank.create("threads", 3000, 16)
+        bank.update("threads", np.arange(3000), rows, mode="overwrite")
+
+        def work(seed: int) -> None:
+            local = np.random.default_rng(seed)
+            for i in range(12):
+                queries = local.standard_normal((int(local.integers(8, 64)), 16)).astype(np.float32)
+                got = bank.knn("threads", queries, 7) if i % 2 else bank.knn_async("threads", queries, 7).result()
+                want_scores, want_ids = brute_force_knn(rows, queries, 7)
+                try:
+                    assert_same_knn(got.scores, got.ids, want_scores.astype(np.float32), want_ids)
+                except AssertionError as exc:
+                    failures.append(f"thread {seed}, call {i}: {exc}")
+
+        threads = [threading.Thread(target=work, args=(seed,)) for seed in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert bank.info("threads")["searches"] == 8 * 12
+        bank.drop("threads")
+    assert not failures, failures[:3]
+
+
+def test_close_ends_a_blocking_call_that_is_waiting(server: str) -> None:
+    """A blocking knn waiting on the socket in another thread fails with BankUnavailable when the
+    client is closed, instead of waiting out its search (seconds) and its timeout."""
+    bank = BankClient(server, timeout=600 * TIME_FACTOR)
+    bank.create("closing", 400_000, 64, seed=2)
+    outcome: list[BaseException | None] = []
+    started = threading.Event()
+
+    def wait() -> None:
+        started.set()
+        try:
+            bank.knn("closing", np.ones((8192, 64), np.float32), 50)  # seconds of search
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    started.wait()
+    time.sleep(0.3)  # the knn is sent and its search is running
+    bank.close()
+    waiter.join(timeout=60 * TIME_FACTOR)
+    assert not waiter.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], BankUnavailable), outcome
+    with BankClient(server, timeout=600 * TIME_FACTOR) as admin:
+        admin.drop("closing")  # queued behind the search, which still runs to its end
+    with pytest.raises(BankUnavailable):
+        bank.hello()
