@@ -15,7 +15,7 @@ from benchmarks.workloads import Workload, make_queries, make_update_ids
 from fgc_bank import prefilter
 from fgc_bank.api import connect
 from fgc_bank.local import LocalBank
-from fgc_bank.search import set_threads
+from fgc_bank.search import search_inner_product, set_threads
 
 QUERY_BATCHES = 4
 SERVER_REPS = 3  # repetitions of each aggregate server measurement
@@ -65,15 +65,32 @@ def run_workload(workload: Workload, peak: Peak, settings: Settings, tick: Calla
             inprocess.bank_update_seconds(local, name, queries, ids, 4 * reps))).to_json(),
     }
     tick(f"{workload.name}: in-process bank steps")
-    local.close()  # free the rows before the server builds its own
-    del rows, contenders
-    result["server"] = run_server(workload, settings, step_s, tick)
+    del contenders  # the bf16 copy; the bank stays for the search measured beside the server
+    low = local.service.bank(name).low
+
+    def beside(count: int) -> float:
+        """Queries/s of ``count`` raw searches in this process, after an untimed one."""
+        search_inner_product(rows, queries[-1], workload.k, low)
+        start = time.perf_counter()
+        for i in range(count):
+            search_inner_product(rows, queries[i % len(queries)], workload.k, low)
+        return count * workload.batch / (time.perf_counter() - start)
+
+    result["server"] = run_server(workload, settings, step_s, tick, beside)
+    local.close()
     return result
 
 
-def run_server(workload: Workload, settings: Settings, step_s: float, tick: Callable[[str], None]) -> dict[str, Any]:
-    """The same bank behind ``fgc-bank serve``, loaded by 1, 2, 4... client processes."""
+def run_server(workload: Workload, settings: Settings, step_s: float, tick: Callable[[str], None],
+               beside: Callable[[int], float]) -> dict[str, Any]:
+    """The same bank behind ``fgc-bank serve``, loaded by 1, 2, 4... client processes.
+
+    Before each measured server run, ``beside`` times the raw search in this process for as many
+    requests: the ratios the targets ask for then compare runs minutes apart at most seconds
+    apart, on a VM whose speed drifts by several percent over a run.
+    """
     out: dict[str, Any] = {"clients": {}}
+    reference: list[float] = []
     with remote.Server(settings.threads) as server, connect(server.address, **remote.CLIENT_OPTIONS) as admin:
         cfg = workload.bank_config(settings.seed)
         admin.create(cfg.name, cfg.rows, cfg.dim, momentum=cfg.momentum, init=cfg.init, seed=cfg.seed)
@@ -84,8 +101,11 @@ def run_server(workload: Workload, settings: Settings, step_s: float, tick: Call
             for clients in settings.clients:
                 fleet.run("knn", 1, clients)  # warm-up
                 tick(f"{workload.name}: warm {clients} client(s)")
+                runs = []
                 before = remote.server_counters(admin.stats())
-                runs = [fleet.run("knn", count, clients) for _ in range(SERVER_REPS)]
+                for _ in range(SERVER_REPS):
+                    reference.append(beside(count))
+                    runs.append(fleet.run("knn", count, clients))
                 after = remote.server_counters(admin.stats())
                 calls, requests = after[0] - before[0], after[1] - before[1]
                 entry = {"qps": Stats.of([remote.aggregate_qps(r, workload.batch) for r in runs]).to_json(),
@@ -98,6 +118,7 @@ def run_server(workload: Workload, settings: Settings, step_s: float, tick: Call
                         entry["wire_p50_ms"] = entry["knn_ms"]["p50_ms"] - server_ms
                 out["clients"][str(clients)] = entry
                 tick(f"{workload.name}: {clients} client(s)")
+            out["search_beside"] = {"qps": Stats.of(reference).to_json()}
             fleet.run("knn_window", 2, 1)
             runs = [fleet.run("knn_window", 2 * count, 1) for _ in range(SERVER_REPS)]
             out["pipelined"] = {"qps": Stats.of([remote.aggregate_qps(r, workload.batch) for r in runs]).to_json(),

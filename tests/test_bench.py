@@ -40,6 +40,8 @@ def test_quick_bench_writes_json_chart_and_page(tmp_path: Path) -> None:
         stats = entry["qps"]
         assert 0 < stats["low"] <= stats["median"] <= stats["high"] and stats["n"] >= 1
     assert set(res["server"]["clients"]) == {"1", "2"}
+    beside = res["server"]["search_beside"]["qps"]
+    assert 0 < beside["low"] <= beside["median"] <= beside["high"] and beside["n"] == 2 * 3  # 2 client counts x 3 reps
     for latency in (res["bank"]["knn_update_ms"], res["server"]["knn_update_ms"]):
         assert 0 < latency["p50_ms"] <= latency["p99_ms"]
     assert res["bank"]["update_rows_per_s"]["median"] > 0 and res["server"]["update_rows_per_s"]["median"] > 0
@@ -84,3 +86,9 @@ def test_checks_compare_the_right_contenders() -> None:
     assert found["server, 4 clients (aggregate) / search in process"] == (pytest.approx(1.025), "met")
     assert found["in-process bank / search in process"] == (pytest.approx(0.9875), "met")
     assert found["search / faiss-default"] == (pytest.approx(8.0), "reported")
+    # With the search measured beside the server runs, the server's ratios use that one.
+    result["server"]["search_beside"] = {"qps": stats(760)}
+    found = {c.what: (c.value, c.verdict) for c in report.checks([result])}
+    assert found["server, 1 client / search in process"] == (pytest.approx(1.0), "met")
+    assert found["server, 4 clients (aggregate) / search in process"] == (pytest.approx(820 / 760), "met")
+    assert found["in-process bank / search in process"] == (pytest.approx(0.9875), "met")
