@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 UNSENT_RETRY_S = 0.05  # how soon a request that could not be queued for sending is tried again
 CLOSED_CHECK_S = 0.1  # a blocking call waiting on the socket notices close() within this
-IDLE_WAIT_S = 1.0
+IDLE_WAIT_S = 1.0  # the I/O thread's longest sleep with nothing to watch
 
 
 @dataclass
