@@ -58,7 +58,7 @@ def _version(reply: Reply) -> int:
 
 
 def _knn_result(reply: Reply) -> KnnResult:
-    return KnnResult(reply.arrays["scores"], reply.arrays["ids"], int(reply.result.get("version", 0)))
+    return KnnResult(reply.arrays["scores"], reply.arrays["ids"], _version(reply))
 
 
 class BankHandle(abc.ABC):

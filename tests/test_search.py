@@ -165,12 +165,14 @@ def test_poisson_rank_bounds_the_miss_rate() -> None:
 
 
 def test_keys_round_trip_and_sort_like_scores() -> None:
-    scores = np.array([-np.inf, -3.5, -0.0, 0.0, 1e-30, 2.0, np.inf], dtype=np.float32)
+    scores = np.array([-np.inf, -3.4e38, -3.5, -0.0, 0.0, 1e-30, 2.0, np.inf], dtype=np.float32)
     ids = np.arange(scores.size, dtype=np.int64) * 1000 + 7
     keys = search._pack(scores, ids)
     assert np.all(keys[:-1] < keys[1:])
     back_scores, back_ids = search._decode(keys)
     np.testing.assert_array_equal(back_scores, scores)
     np.testing.assert_array_equal(back_ids, ids)
-    empty_scores, empty_ids = search._decode(np.zeros(2, np.uint64))
+    assert keys.min() >= search.EMPTY_BELOW  # keys below it are free to mean "empty"
+    empty = np.array([0, 1, 4095, (1 << 32) - 1], np.uint64)  # the final top-k's table padding
+    empty_scores, empty_ids = search._decode(empty)
     assert np.all(np.isneginf(empty_scores)) and np.all(empty_ids == -1)
