@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 SERVER_START_TIMEOUT_S = 120.0
 CLIENT_TIMEOUT_S = 600.0  # one imagenet-512 request takes seconds; coalesced ones longer
-# The client resends a request that has had no reply for retry_interval seconds (5 s by
+# The client resends a request that has had no reply for retry_interval seconds (10 s by
 # default). Four clients queueing imagenet-512 searches wait longer than that without anything
 # being wrong, and a resent knn is searched again, so the benchmark disables resending.
 CLIENT_OPTIONS = {"timeout": CLIENT_TIMEOUT_S, "retry_interval": CLIENT_TIMEOUT_S}

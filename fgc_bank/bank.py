@@ -319,17 +319,18 @@ class MemoryBank:
             take = np.arange(k)[None, :]
             take = take + (take >= at[:, None])
             return KnnResult(np.take_along_axis(scores, take, 1), np.take_along_axis(ids, take, 1))
-        keep = np.ones(ids.shape, dtype=bool) if exclude is None else ids != exclude[:, None]
+        # stale rows: their scores in the candidates are old, so swap them for current ones
+        keep = ~np.isin(ids, stale)
+        if exclude is not None:
+            keep &= ids != exclude[:, None]
         short = np.zeros(ids.shape[0], dtype=bool)
-        if stale is not None:
-            keep &= ~np.isin(ids, stale)
-            if ids.shape[1] < self.config.rows:  # too few unchanged candidates: the merge could miss one
-                short = keep.sum(1) < k
-            fresh = queries @ self.rows_np[stale].T  # (B, S): current scores of the changed rows
-            fresh_keep = np.ones(fresh.shape, dtype=bool) if exclude is None else stale[None, :] != exclude[:, None]
-            scores = np.concatenate([scores, fresh], axis=1)
-            ids = np.concatenate([ids, np.broadcast_to(stale, fresh.shape)], axis=1)
-            keep = np.concatenate([keep, fresh_keep], axis=1)
+        if ids.shape[1] < self.config.rows:  # too few unchanged candidates: the merge could miss one
+            short = keep.sum(1) < k
+        fresh = queries @ self.rows_np[stale].T  # (B, S): current scores of the changed rows
+        fresh_keep = np.ones(fresh.shape, dtype=bool) if exclude is None else stale[None, :] != exclude[:, None]
+        scores = np.concatenate([scores, fresh], axis=1)
+        ids = np.concatenate([ids, np.broadcast_to(stale, fresh.shape)], axis=1)
+        keep = np.concatenate([keep, fresh_keep], axis=1)
         masked = np.where(keep, scores, np.float32(-np.inf)).astype(np.float32, copy=False)
         order = np.argsort(-masked, axis=1, kind="stable")[:, :k]
         top_scores = np.take_along_axis(masked, order, 1)
