@@ -280,13 +280,13 @@ def test_margin_keeps_a_cluster_finer_than_a_step(monkeypatch: pytest.MonkeyPatc
 @pytest.mark.parametrize("kind", KINDS)
 def test_coalesced_batches_are_searched_in_blocks(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
     """Many queries (coalesced requests) go through the threshold search in cache-sized blocks."""
-    monkeypatch.setattr(search, "THRESHOLD_MAX_BATCH", 64)
+    monkeypatch.setattr(search, "MAX_BATCH", 64)
     calls = spy_on_filtered_scans(monkeypatch)
     rows = make_bank(20000, 32)
     low = prefilter.make(rows, kind)
     queries = make_queries(rows, 200)
     scores, ids = search_inner_product(rows, queries, 100, low)
-    assert len(calls) == 4 * len(search._plan(20000, 32, 64, 100, low).bounds)  # blocks of 64, 64, 64, 8
+    assert len(calls) == 4 * len(search._plan(20000, 32, 50, 100, low).bounds)  # 4 blocks of 50
     assert_exact(rows, queries, 100, scores, ids)
 
 
