@@ -24,6 +24,7 @@ from fgc_bank.service import BATCHABLE_OPS, BankService
 logger = logging.getLogger(__name__)
 
 MAX_COALESCED_QUERIES = 16384  # bounds one FAISS call, and so the latency a run adds
+COALESCE_WAIT_SHARE = 0.1  # a worker waits for expected requests at most this share of its last search
 
 
 @dataclass
@@ -42,8 +43,10 @@ _STOP = object()
 class Dispatcher:
     """Worker threads with bounded queues; replies leave through ``respond`` (called on a worker)."""
 
-    def __init__(self, service: BankService, respond: Respond, workers: int = 1, max_queue: int = 1024) -> None:
+    def __init__(self, service: BankService, respond: Respond, workers: int = 1, max_queue: int = 1024,
+                 coalesce_wait_s: float = 0.002) -> None:
         self.service = service
+        self.coalesce_wait_s = coalesce_wait_s
         self._queues = [queue.Queue(maxsize=max_queue) for _ in range(max(1, workers))]
         self._threads = [threading.Thread(target=self._work, args=(q, respond), daemon=True,
                                           name=f"fgc-bank-worker-{i}") for i, q in enumerate(self._queues)]
@@ -92,13 +95,13 @@ class Dispatcher:
         self._stopped = True
 
     def _work(self, jobs: queue.Queue, respond: Respond) -> None:
+        answered: set[int] = set()  # clients whose searches the last run answered
+        searched_s = 0.0  # how long those searches took
         while True:
             items = [jobs.get()]
-            while True:
-                try:
-                    items.append(jobs.get_nowait())
-                except queue.Empty:
-                    break
+            _take_queued(jobs, items)
+            if answered:
+                _wait_for(jobs, items, answered, min(self.coalesce_wait_s, COALESCE_WAIT_SHARE * searched_s))
             stop = False
             run: list[Job] = []
             for item in items:
@@ -112,26 +115,71 @@ class Dispatcher:
                     resume.wait()
                 else:
                     run.append(item)
-            self._run(run, respond)
+            answered, searched_s = self._run(run, respond)
             if stop:
                 return
 
-    def _run(self, jobs: list[Job], respond: Respond) -> None:
-        """Answer ``jobs`` (in arrival order), coalescing each bank's runs of batchable requests."""
+    def _run(self, jobs: list[Job], respond: Respond) -> tuple[set[int], float]:
+        """Answer ``jobs`` (in arrival order), coalescing each bank's runs of batchable requests;
+        the clients whose batchable requests were answered, and the seconds their searches took."""
         by_bank: dict[str | None, list[Job]] = {}
         for job in jobs:
             by_bank.setdefault(job.request.bank, []).append(job)
+        answered: set[int] = set()
+        searched_s = 0.0
         for bank, bank_jobs in by_bank.items():
             replies: list[tuple[Job, Reply]] = []
             for group in _runs(bank_jobs):
                 if group[0].request.op in BATCHABLE_OPS:
                     self.batches += 1
                     self.coalesced += len(group)
+                    started = time.perf_counter()
                     results = self.service.handle_batch(bank, [j.request for j in group])
+                    searched_s += time.perf_counter() - started
+                    answered.update(j.request.client for j in group if j.request.client)
                 else:
                     results = [self.service.handle(group[0].request)]
                 replies.extend(zip(group, results))
             respond(replies)
+        return answered, searched_s
+
+
+def _take_queued(jobs: queue.Queue, items: list[Any]) -> None:
+    """Append everything already in ``jobs`` to ``items``, without waiting."""
+    while True:
+        try:
+            items.append(jobs.get_nowait())
+        except queue.Empty:
+            return
+
+
+def _wait_for(jobs: queue.Queue, items: list[Any], clients: set[int], wait_s: float) -> None:
+    """Wait up to ``wait_s`` for a request from each of ``clients`` not yet among ``items``.
+
+    The clients a worker has just answered are the likeliest to send again within a round trip
+    (synchronous callers, training ranks in step). With several clients a worker otherwise falls
+    into answering them in two alternating halves, each searched as soon as the other is done:
+    with this short wait all of them go into one search, whose cost per query is lower (cifar's
+    shape: 39 us at 1024 queries, 43 at 512). A lone client is never waited for: its next request
+    is not among the queued ones only until it arrives, and nobody else is expected. The wait is
+    capped by a share of the last search's time, so it costs at most that share when nobody comes.
+    """
+    if not all(isinstance(item, Job) for item in items):  # a barrier or stop: no waiting
+        return
+    missing = clients - {item.request.client for item in items}
+    deadline = time.perf_counter() + wait_s
+    while missing:
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            return
+        try:
+            item = jobs.get(timeout=left)
+        except queue.Empty:
+            return
+        items.append(item)
+        if not isinstance(item, Job):
+            return
+        missing.discard(item.request.client)
 
 
 def _runs(jobs: list[Job]) -> list[list[Job]]:

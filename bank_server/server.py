@@ -60,6 +60,7 @@ class ServerConfig:
     endpoint: str | None = None  # a full ZeroMQ endpoint (ipc://...), overrides host/port
     workers: int = 1
     faiss_threads: int = 0  # 0: FAISS's default, one per core
+    coalesce_wait_s: float = 0.002  # a worker's wait for the clients it just answered (dispatch._wait_for)
     max_queue: int = 1024
     max_frame_bytes: int = MAX_FRAME_BYTES
     limits: Limits = field(default_factory=Limits)
@@ -102,7 +103,8 @@ class BankServer:
         set_threads(config.faiss_threads)
         self.restored = self._restore_latest()
         self.service.extra_stats = self._server_stats
-        self.dispatcher = Dispatcher(self.service, self._respond, config.workers, config.max_queue)
+        self.dispatcher = Dispatcher(self.service, self._respond, config.workers, config.max_queue,
+                                     config.coalesce_wait_s)
         self._admin = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fgc-bank-admin")
         self.snapshotter = None
         if config.snapshot_dir is not None:

@@ -65,6 +65,9 @@ def main(log_level: str) -> None:
               help="Bank worker threads; each bank is served by one, in order.")
 @click.option("--faiss-threads", type=click.IntRange(0, 1024), default=0,
               help="Search threads, each running torch and FAISS single-threaded; 0 = one per core.")
+@click.option("--coalesce-wait-ms", type=click.FloatRange(0, 1000), default=2.0,
+              help="How long a worker may wait for the clients it just answered to send again, so that "
+                   "their searches go into one call (never more than a tenth of the last search); 0 = never.")
 @click.option("--max-queue", type=click.IntRange(1, 1 << 20), default=1024,
               help="Requests queued per worker before the server answers 'busy'.")
 @click.option("--max-batch", type=click.IntRange(1, 1 << 24), default=65536,
@@ -88,8 +91,8 @@ def main(log_level: str) -> None:
               help="With --curve-secret: directory of the public key files of the clients allowed in.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="Serve Prometheus metrics over HTTP on this port (bound to --host); 0 picks one.")
-def serve(host: str, port: int, endpoint: str | None, workers: int, faiss_threads: int, max_queue: int,
-          max_batch: int, max_frame_mib: float, max_bank_gib: float, address_file: Path | None,
+def serve(host: str, port: int, endpoint: str | None, workers: int, faiss_threads: int, coalesce_wait_ms: float,
+          max_queue: int, max_batch: int, max_frame_mib: float, max_bank_gib: float, address_file: Path | None,
           snapshot_dir: Path | None, snapshot_every: float, snapshot_keep: int, curve_secret: Path | None,
           curve_clients: Path | None, metrics_port: int | None) -> None:
     """Serve memory banks over ZeroMQ until Ctrl-C or SIGTERM."""
@@ -101,7 +104,7 @@ def serve(host: str, port: int, endpoint: str | None, workers: int, faiss_thread
         raise click.UsageError("--curve-secret and --curve-clients go together")
     limits = Limits(max_batch=max_batch, max_bank_bytes=int(max_bank_gib * 2**30))
     config = ServerConfig(host=host, port=port, endpoint=endpoint, workers=workers,
-                          faiss_threads=faiss_threads, max_queue=max_queue,
+                          faiss_threads=faiss_threads, coalesce_wait_s=coalesce_wait_ms / 1000, max_queue=max_queue,
                           max_frame_bytes=int(max_frame_mib * 2**20), limits=limits,
                           snapshot_dir=snapshot_dir, snapshot_every=snapshot_every, snapshot_keep=snapshot_keep,
                           curve_secret=curve_secret, curve_clients=curve_clients)
