@@ -52,6 +52,7 @@ class Dispatcher:
                                           name=f"fgc-bank-worker-{i}") for i, q in enumerate(self._queues)]
         self.batches = 0
         self.coalesced = 0
+        self.waited_s = 0.0  # time workers spent waiting for clients they had just answered
         self._stopped = False
         for thread in self._threads:
             thread.start()
@@ -101,7 +102,9 @@ class Dispatcher:
             items = [jobs.get()]
             _take_queued(jobs, items)
             if answered:
+                started = time.perf_counter()
                 _wait_for(jobs, items, answered, min(self.coalesce_wait_s, COALESCE_WAIT_SHARE * searched_s))
+                self.waited_s += time.perf_counter() - started
             stop = False
             run: list[Job] = []
             for item in items:

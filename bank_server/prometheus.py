@@ -38,6 +38,9 @@ class StatsCollector:
         yield GaugeMetricFamily("fgc_bank_queue_depth", "Requests waiting for a worker", value=stats.get("queue_depth", 0))
         yield CounterMetricFamily("fgc_bank_dropped_replies", "Replies to clients that were gone",
                                   value=stats.get("dropped_replies", 0))
+        yield CounterMetricFamily("fgc_bank_coalesce_wait_seconds", "Time workers waited for the clients "
+                                  "they had just answered, to search their requests together",
+                                  value=stats.get("coalesce_wait_s", 0.0))
         snap = stats.get("snapshot")
         if snap is not None:
             yield GaugeMetricFamily("fgc_bank_snapshot_age_seconds", "Age of the last snapshot", value=snap["age_s"])

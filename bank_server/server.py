@@ -315,6 +315,7 @@ class BankServer:
         last = self.snapshotter.last if self.snapshotter is not None else None
         return {"address": self.address, "queue_depth": self.dispatcher.queue_depth(),
                 "batches": self.dispatcher.batches, "coalesced_requests": self.dispatcher.coalesced,
+                "coalesce_wait_s": self.dispatcher.waited_s,
                 "copies_seen": self.recent.copies_seen, "restored_from": self.restored,
                 "snapshot": None if last is None else {"name": last["name"], "age_s": time.time() - last["time"]},
                 **self.metrics.summary()}

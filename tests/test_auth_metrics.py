@@ -89,5 +89,6 @@ def test_prometheus_endpoint_reports_requests_and_banks(tmp_path: Path) -> None:
         assert 'fgc_bank_bank_rows{bank="feat/7"} 1000.0' in text
         assert 'fgc_bank_bank_queries_total{bank="feat/7"} 48.0' in text
         assert "fgc_bank_queue_depth" in text
+        assert "fgc_bank_coalesce_wait_seconds_total" in text
     finally:
         stop_server(proc)

@@ -115,6 +115,7 @@ def test_the_wait_for_a_client_that_stopped_sending_is_bounded(
         assert recorder.runs[-1] == [1]
     finally:
         dispatcher.stop()
+    assert 0.3 <= dispatcher.waited_s < LONG_S / 2  # the whole wait, counted for `stats`
 
 
 @pytest.mark.parametrize("then", ["barrier", "stop"])
