@@ -163,11 +163,13 @@ def _wait_for(jobs: queue.Queue, items: list[Any], clients: set[int], wait_s: fl
     (synchronous callers, training ranks in step). With several clients a worker otherwise falls
     into answering them in two alternating halves, each searched as soon as the other is done:
     with this short wait all of them go into one search, whose cost per query is lower (cifar's
-    shape: 39 us at 1024 queries, 43 at 512). A lone client is never waited for: its next request
-    is not among the queued ones only until it arrives, and nobody else is expected. The wait is
-    capped by a share of the last search's time, so it costs at most that share when nobody comes.
+    shape: 39 us at 1024 queries, 43 at 512). A lone client is never waited for: a worker only
+    gets here holding a request, and that request is the lone client's own. The wait is capped by
+    a share of the last search's time, so it costs at most that share when nobody comes.
     """
     if not all(isinstance(item, Job) for item in items):  # a barrier or stop: no waiting
+        return
+    if not any(item.request.op in BATCHABLE_OPS for item in items):  # no search to join
         return
     missing = clients - {item.request.client for item in items}
     deadline = time.perf_counter() + wait_s

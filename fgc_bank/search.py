@@ -147,7 +147,7 @@ def _in_blocks(search: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], qu
     """``search`` over equal blocks of at most ``size`` queries, answers stacked.
 
     Equal, because a search's cost per query falls with its batch up to about ``MAX_BATCH``
-    (cifar's shape: 51 us at 256 queries, 43 at 512, 39 at 1024): 1280 queries go as two blocks of
+    (cifar's shape: 47 us at 256 queries, 43 at 512, 39 at 1024): 1280 queries go as two blocks of
     640, not 1024 and a costly 256.
     """
     b = queries.shape[0]

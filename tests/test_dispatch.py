@@ -149,3 +149,16 @@ def test_no_wait_when_disabled(service: BankService, monkeypatch: pytest.MonkeyP
         assert recorder.runs[-1] == [1]
     finally:
         dispatcher.stop()
+
+
+def test_a_request_that_joins_no_search_is_not_held(service: BankService,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    dispatcher, recorder = start(service, LONG_S, monkeypatch)
+    try:
+        first_round(dispatcher, recorder, [1, 2], np.ones((4, 16), np.float32))
+        dispatcher.submit(Job(peer=None, request=Request("gather", "b", {}, {"ids": np.arange(3)}, id=1, client=1)))
+        reply = recorder.answers(1)[0]  # would sit out LONG_S waiting for client 2
+    finally:
+        dispatcher.stop()
+    assert reply.error is None
+    np.testing.assert_array_equal(reply.arrays["rows"], service.bank("b").rows_np[:3])
