@@ -28,6 +28,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,6 +42,23 @@ KINDS = ("int8", "bf16")
 # j0..j0+m against every query (row j0 + p // B, query p % B) whose float32 score may beat the
 # query's threshold. Every pair that does is among them.
 Scan = Callable[[int, int], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Queries in a copy's low precision, with what their error bound needs: the part of a
+    search's preparation that does not depend on the thresholds, so the search can make it while
+    the thresholds are still being sampled. Norms are float64 upper bounds, (B,) each."""
+
+    values: torch.Tensor  # int8: oneDNN's packed weights; bf16: (B, D + 1), [bf16(q), 0]
+    norm: np.ndarray  # |q|
+    low_norm: np.ndarray  # |q'|, q' the low-precision query
+    error: np.ndarray  # |q - q'|
+    row_norm: float  # bounds of every row's norm and of its rounding error's norm (Prefilter.bounds)
+    row_error: float
+    dim: int  # D
+    scales: np.ndarray | None = None  # int8: each query's scale (float32)
+    out_scale: float = 0.0  # int8: the GEMM's output step
 
 
 def _cpu_flags() -> set[str]:
@@ -139,11 +157,23 @@ class Prefilter(abc.ABC):
         """Store the low-precision rows ``index`` (values ``exact``); their value as float32 (the
         difference to ``exact`` is then exact), or None when the whole copy had to be rebuilt."""
 
-    @abc.abstractmethod
     def prepare(self, queries: np.ndarray, thresholds: np.ndarray) -> Scan | None:
         """This search's candidate finder for ``queries`` (B, D) float32 and their thresholds
         (B,); None when these queries cannot be filtered safely (the caller searches in float32).
         The scan may be called from several threads at once."""
+        encoded = self.encode(queries)
+        return None if encoded is None else self.scanner(encoded, thresholds)
+
+    @abc.abstractmethod
+    def encode(self, queries: np.ndarray) -> Encoded | None:
+        """The first, threshold-free part of :meth:`prepare` (most of its cost); None when these
+        queries cannot be filtered safely. Its torch ops may start an OpenMP team: the search
+        runs it on a search thread, which has none."""
+
+    @abc.abstractmethod
+    def scanner(self, encoded: Encoded, thresholds: np.ndarray) -> Scan | None:
+        """The rest of :meth:`prepare`: numpy on (B,) vectors and torch ops far too small to
+        start an OpenMP team, so any thread may run it."""
 
 
 class Bf16Rows(Prefilter):
@@ -167,12 +197,34 @@ class Bf16Rows(Prefilter):
         self.rows[index, :-1] = low
         return low.float()
 
-    def prepare(self, queries: np.ndarray, thresholds: np.ndarray) -> Scan | None:
-        biased = biased_queries(queries, thresholds, self)
-        if biased is None:
+    def encode(self, queries: np.ndarray, max_scale: float = 1e30) -> Encoded | None:
+        """``[bf16(q), 0]``; None when ``|q| max|r|`` is so large that bfloat16 sums could
+        overflow."""
+        if not np.isfinite(queries).all():
             return None
-        biased_t = biased.T  # (D + 1, B) view
-        b = queries.shape[0]
+        row_norm, row_error = self.bounds()
+        d = queries.shape[1]
+        norm = _inflate(np.linalg.norm(queries.astype(np.float64), axis=1), d)
+        if not float(norm.max(initial=0.0)) * row_norm < max_scale:
+            return None
+        q16 = torch.from_numpy(queries).to(torch.bfloat16)
+        rounded = q16.float().numpy()
+        values = torch.zeros(queries.shape[0], d + 1, dtype=torch.bfloat16)
+        values[:, :-1] = q16
+        return Encoded(values, norm, _inflate(np.linalg.norm(rounded, axis=1), d),
+                       _inflate(np.linalg.norm(queries - rounded, axis=1), d),  # the difference is exact
+                       row_norm, row_error, d)
+
+    def scanner(self, encoded: Encoded, thresholds: np.ndarray) -> Scan | None:
+        """``[bf16(q), -tau]`` against ``[bf16(r), 1]``: a sum ``>= 0`` for every row whose
+        float32 score with ``q`` beats its threshold."""
+        if not np.isfinite(thresholds).all():
+            return None
+        tau = round_down_bf16(thresholds.astype(np.float64) - margin(encoded, thresholds))
+        biased = encoded.values.view(torch.int16).numpy().copy()  # numpy: one thread, whichever
+        biased[:, -1] = (-tau).view(torch.int16).numpy()
+        biased_t = torch.from_numpy(biased).view(torch.bfloat16).T  # (D + 1, B) view
+        b = biased.shape[0]
 
         def scan(j0: int, m: int) -> np.ndarray:
             out = scratch("bf16", m * b, torch.bfloat16)
@@ -184,18 +236,16 @@ class Bf16Rows(Prefilter):
         return scan
 
 
-def margin(queries: np.ndarray, rounded: np.ndarray, row_norm: float, row_error: float,
-           thresholds: np.ndarray) -> np.ndarray:
+def margin(encoded: Encoded, thresholds: np.ndarray) -> np.ndarray:
     """Per query (B,) float64: how far below its float32 score a row's bfloat16 GEMM sum (with the
-    ``-tau`` column) can fall. ``rounded`` is bf16(queries) as float32.
+    ``-tau`` column) can fall.
 
     Besides the rounding of the values (see the module's docstring): float32 accumulation in any
     order (``gamma``) for the GEMM and for the float32 rescoring, and flushed denormals."""
-    d = queries.shape[1]
+    d = encoded.dim
     gamma = 1.01 * (d + 1) * U_FP32  # float32 sums of d + 1 terms, in any order
-    q = _inflate(np.linalg.norm(queries, axis=1), d)
-    q_low = _inflate(np.linalg.norm(rounded, axis=1), d)
-    q_error = _inflate(np.linalg.norm(queries - rounded, axis=1), d)  # the difference is exact
+    q, q_low, q_error = encoded.norm, encoded.low_norm, encoded.error
+    row_norm, row_error = encoded.row_norm, encoded.row_error
     rounding = q_error * row_norm + q_low * row_error
     sums = gamma * (q_low * (row_norm + row_error) + np.abs(thresholds)) + gamma * q * row_norm
     flushed = FLUSH * (2 * d + 2 + np.sqrt(d) * (q_low + row_norm + row_error))
@@ -213,21 +263,6 @@ def round_down_bf16(values: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(high.view(np.int16)).view(torch.bfloat16)
 
 
-def biased_queries(queries: np.ndarray, thresholds: np.ndarray, low: Bf16Rows,
-                   max_scale: float = 1e30) -> torch.Tensor | None:
-    """``[bf16(q), -tau]`` (B, D + 1) bfloat16: against ``low.rows``, a sum ``>= 0`` for every row
-    whose float32 score with ``q`` beats its threshold (B,). None when ``|q| max|r|`` is so large
-    that bfloat16 sums could overflow (the caller searches in float32)."""
-    row_norm, row_error = low.bounds()
-    norms = np.linalg.norm(queries.astype(np.float64), axis=1)
-    if not float(norms.max(initial=0.0)) * row_norm < max_scale or not np.isfinite(thresholds).all():
-        return None
-    q16 = torch.from_numpy(queries).to(torch.bfloat16)
-    rounded = q16.float().numpy()
-    tau = round_down_bf16(thresholds.astype(np.float64) - margin(queries, rounded, row_norm, row_error, thresholds))
-    return torch.cat([q16, -tau[:, None]], dim=1)
-
-
 class Int8Rows(Prefilter):
     """Rows as uint8 ``x`` with one scale ``s`` for the bank: ``r' = s (x - 128)``, ``|x - 128| <=
     127``. A write that leaves that range rebuilds the copy with a scale 1.5x what it needs (rare:
@@ -242,7 +277,7 @@ class Int8Rows(Prefilter):
     kind = "int8"
     flop_ns = 0.003  # VNNI, at cifar's shape
     scan_ns = 0.25
-    chunk_scores = 1 << 22
+    chunk_scores = 1 << 21
     HEADROOM = 1.5
 
     def _allocate(self) -> None:
@@ -263,36 +298,45 @@ class Int8Rows(Prefilter):
         self.rows[index] = (steps + 128).to(torch.uint8)
         return steps * self.scale  # exact: |steps| <= 127 and the scale is a float32
 
-    def prepare(self, queries: np.ndarray, thresholds: np.ndarray) -> Scan | None:
-        if not np.isfinite(thresholds).all() or not np.isfinite(queries).all():
+    def encode(self, queries: np.ndarray) -> Encoded | None:
+        """Each query as int8 steps with its own scale, packed for oneDNN; None when the sums'
+        scales would leave float32's normal range."""
+        if not np.isfinite(queries).all():
             return None
-        b, d = queries.shape
         row_norm, row_error = self.bounds()
         top = np.abs(queries).max(axis=1)
         scales = np.where(top > 0, top / 127.0, 1.0).astype(np.float32)
         steps = np.rint(queries / scales[:, None])  # in [-127, 127]
         rounded = steps * scales[:, None].astype(np.float64)  # q', exact in float64
-        q = np.linalg.norm(queries.astype(np.float64), axis=1)
         q_low = np.linalg.norm(rounded, axis=1)
-        q_error = np.linalg.norm(queries - rounded, axis=1)
-        gamma = 1.01 * (d + 1) * U_FP32  # the float32 reference score, summed in any order
         largest = float((q_low * (row_norm + row_error)).max(initial=0.0))  # bounds |q'.r'|
         if not 1e-20 < largest < 1e30:  # the scales' product and out_scale stay normal float32s
             return None
-        out_scale = largest * 2.0**-20
+        weights = torch.ops.onednn.qlinear_prepack(torch.from_numpy(steps.astype(np.int8)), None)
+        return Encoded(weights, np.linalg.norm(queries.astype(np.float64), axis=1), q_low,
+                       np.linalg.norm(queries - rounded, axis=1), row_norm, row_error, queries.shape[1],
+                       scales, largest * 2.0**-20)
+
+    def scanner(self, encoded: Encoded, thresholds: np.ndarray) -> Scan | None:
+        """oneDNN's int8 GEMM with each query's ``-tau`` as its bias: a non-zero output byte for
+        every row whose float32 score may beat the query's threshold."""
+        if not np.isfinite(thresholds).all():
+            return None
+        q, q_low, q_error = encoded.norm, encoded.low_norm, encoded.error
+        row_norm, row_error, out_scale = encoded.row_norm, encoded.row_error, encoded.out_scale
+        gamma = 1.01 * (encoded.dim + 1) * U_FP32  # the float32 reference score, summed in any order
         value = q_error * row_norm + q_low * row_error + gamma * q * row_norm
         # oneDNN's float32 scaling, bias and output steps: a few roundings of numbers at most
         # |q'.r'| + |tau| each, and the bias possibly quantised to the accumulator's scale.
         arithmetic = 16 * U_FP32 * (q_low * (row_norm + row_error) + np.abs(thresholds) + value) \
-            + self.scale * scales + 2 * out_scale
+            + self.scale * encoded.scales + 2 * out_scale
         tau = thresholds.astype(np.float64) - (value + arithmetic) * (1.0 + 1e-6)
-        weights = torch.ops.onednn.qlinear_prepack(torch.from_numpy(steps.astype(np.int8)), None)
-        scales_t = torch.from_numpy(scales)
-        zeros = torch.zeros(b, dtype=torch.long)
+        weights, scales = encoded.values, torch.from_numpy(encoded.scales)
+        zeros = torch.zeros(q.shape[0], dtype=torch.long)
         bias = torch.from_numpy((-tau).astype(np.float32))  # off by u |tau| at most: in the 16u terms
 
         def scan(j0: int, m: int) -> np.ndarray:
-            out = torch.ops.onednn.qlinear_pointwise(self.rows[j0:j0 + m], self.scale, 128, weights, scales_t,
+            out = torch.ops.onednn.qlinear_pointwise(self.rows[j0:j0 + m], self.scale, 128, weights, scales,
                                                      zeros, bias, out_scale, 0, torch.uint8, "none", [], "")
             return sparse_nonzero(out.numpy().reshape(-1))
 

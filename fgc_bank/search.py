@@ -52,7 +52,7 @@ import itertools
 import math
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import faiss
@@ -63,6 +63,8 @@ from fgc_bank.prefilter import Prefilter, Scan, scratch
 
 SCORES_PER_CHUNK = 1 << 20  # threshold strategy: one thread's (c, B) score buffer, 4 MB
 HEAP_SCORES_PER_CHUNK = 1 << 19  # heap strategy: one thread's (B, c) score buffer, 2 MB
+MIN_CHUNK_ROWS = 4096  # prefilter scan: a smaller chunk's fixed costs show (2048 rows: 1.4x per row at B=256)
+CHUNKS_PER_THREAD = 4  # prefilter scan: at least this many chunks a thread, unless that makes them small
 MIN_ROWS_PER_THREAD = 4096  # below this a thread's share is not worth the hand-off
 MIN_BATCH = 8  # fewer queries: faiss.knn's own paths are as good
 MAX_BATCH = 1024  # more queries (coalesced requests): searched in equal blocks of at most this many
@@ -72,6 +74,7 @@ CANDIDATE_NS = 40.0  # one score that survives the threshold, carried to the fin
 SAMPLE_ROW_NS = 0.6  # one sampled score through the group maximum and topk, beyond its GEMM flops
 FLOP_NS = 0.011  # one flop of a single-threaded sgemm
 SAMPLE_GROUP = 8  # sample scores per group whose maximum stands for them in the threshold
+ENCODE_NS, ENCODE_VALUE_NS = 190_000.0, 9.0  # a prefilter encoding B queries of D values (fixed, per value)
 THRESHOLD_SCAN_NS = 0.45  # one score through compare + flatnonzero
 RESCORE_NS = 6.0  # one candidate scored again in float32 (faiss.pairwise_indexed_inner_product)
 HEAP_SCAN_NS = 0.3  # one score through a FAISS heap's compare
@@ -188,8 +191,12 @@ def _plan(n: int, d: int, b: int, k: int, low: Prefilter | None = None) -> _Plan
     scan_ns = share * (2 * d * low.flop_ns + low.scan_ns if low else 2 * d * FLOP_NS + THRESHOLD_SCAN_NS)
     if heap_ns <= scan_ns + sample_ns / threads:
         return _Plan(bounds, max(64, min(share, HEAP_SCORES_PER_CHUNK // b)), 0, 0)
-    budget = low.chunk_scores if low else SCORES_PER_CHUNK
-    return _Plan(bounds, max(64, min(share, budget // b)), stride, rank, low is not None)
+    if low is None:
+        return _Plan(bounds, max(64, min(share, SCORES_PER_CHUNK // b)), stride, rank)
+    # Chunks are what threads share out (_Claims): enough per thread that the one in flight at the
+    # end is short, none so small that its fixed costs show.
+    chunk = max(MIN_CHUNK_ROWS, min(low.chunk_scores // b, share // CHUNKS_PER_THREAD))
+    return _Plan(bounds, min(share, chunk), stride, rank, True)
 
 
 def _threshold_sample(n: int, d: int, k: int, rescore_ns: float = 0.0) -> tuple[float, int, int]:
@@ -256,6 +263,43 @@ def _run(tasks: list[tuple]) -> list:
     return [future.result() for future in futures]
 
 
+class _Claims:
+    """Rows 0..n shared by the tasks of one phase, in pieces of ``chunk`` rows.
+
+    Each task owns an equal run of pieces and takes them from its front; a task whose run is used
+    up takes the back half of the longest run still unclaimed. So a thread slowed by something
+    else (one vCPU of this VM often runs 20% slower than the other; the socket's threads wake on
+    one core) is covered by the others instead of keeping them waiting: a static split loses
+    that difference, this loses at most the piece in flight. Pieces keep fixed bounds, so oneDNN
+    sees the same few shapes and reuses its cached primitives.
+    """
+
+    def __init__(self, n: int, chunk: int, owners: int) -> None:
+        pieces = -(-n // chunk)
+        cuts = [pieces * t // owners for t in range(owners + 1)]
+        self._rest = [[lo, hi] for lo, hi in itertools.pairwise(cuts)]  # per owner: pieces not yet taken
+        self._n, self._chunk = n, chunk
+        self._owners = itertools.count()
+        self._lock = threading.Lock()
+
+    def pieces(self) -> Iterator[tuple[int, int]]:
+        """The calling task's pieces (lo, hi), one at a time, until none are left."""
+        owner = next(self._owners) % len(self._rest)
+        while True:
+            with self._lock:
+                rest = self._rest[owner]
+                if rest[0] >= rest[1]:  # own run used up: take the back half of the longest
+                    victim = max(self._rest, key=lambda r: r[1] - r[0])
+                    take = (victim[1] - victim[0] + 1) // 2
+                    if not take:
+                        return
+                    rest[:] = victim[1] - take, victim[1]
+                    victim[1] -= take
+                piece = rest[0]
+                rest[0] += 1
+            yield piece * self._chunk, min((piece + 1) * self._chunk, self._n)
+
+
 def _search_blocked(rows: np.ndarray, queries: np.ndarray, k: int,
                     low: Prefilter | None) -> tuple[np.ndarray, np.ndarray]:
     plan = _plan(rows.shape[0], rows.shape[1], queries.shape[0], k, low)
@@ -264,17 +308,21 @@ def _search_blocked(rows: np.ndarray, queries: np.ndarray, k: int,
         parts = _run([(_heap_range, rows_t, queries_t, k, lo, hi, plan.chunk) for lo, hi in plan.bounds])
         return _merge(parts, k)
     b = queries.shape[0]
-    samples = _run([(_sample_best, rows_t[lo:hi], queries_t, plan) for lo, hi in plan.bounds])
-    pooled = np.concatenate(samples, axis=1)  # (B, threads * rank)
-    column = pooled.shape[1] - plan.rank  # the rank-th best of all threads' samples
+    # The queries' low-precision encoding does not need the thresholds: it runs beside the sample,
+    # and the thread that makes it samples fewer rows.
+    encode = [(low.encode, queries)] if plan.prefilter else []
+    done = _run(encode + [(_sample_best, rows_t[lo:hi], queries_t, plan)
+                          for lo, hi in _sample_ranges(rows.shape[0], b, rows.shape[1], plan, bool(encode))])
+    encoded, samples = (done[0], done[1:]) if encode else (None, done)
+    pooled = np.concatenate(samples, axis=1)  # (B, parts * rank)
+    column = pooled.shape[1] - plan.rank  # the rank-th best of all parts' samples
     threshold = np.ascontiguousarray(np.partition(pooled, column, axis=1)[:, column])
-    # prepared on a search thread: its torch ops then run single-threaded, with no OpenMP team
-    # left spinning on the cores the scan is about to use
-    scan = _run([(low.prepare, queries, threshold)])[0] if plan.prefilter else None
+    scan = low.scanner(encoded, threshold) if encoded is not None else None
+    claims = _Claims(rows.shape[0], plan.chunk, len(plan.bounds))
     if scan is None:
-        found = _run([(_scan, rows_t, queries_t, threshold, lo, hi, plan) for lo, hi in plan.bounds])
+        found = _run([(_scan, rows_t, queries_t, threshold, claims.pieces(), plan.chunk) for _ in plan.bounds])
     else:
-        found = _run([(_scan_filtered, rows, queries, scan, threshold, lo, hi, plan) for lo, hi in plan.bounds])
+        found = _run([(_scan_filtered, rows, queries, scan, threshold, claims.pieces()) for _ in plan.bounds])
     scores = np.empty((b, k), dtype=np.float32)
     ids = np.empty((b, k), dtype=np.int64)
     cuts = [b * t // len(found) for t in range(len(found) + 1)]
@@ -283,6 +331,29 @@ def _search_blocked(rows: np.ndarray, queries: np.ndarray, k: int,
     if redo.size:  # the threshold was above these queries' k-th score: search them the plain way
         scores[redo], ids[redo] = _knn_ranges(rows, queries[redo], k, plan.bounds)
     return scores, ids
+
+
+def _sample_ranges(n: int, b: int, d: int, plan: _Plan, encoding: bool) -> list[tuple[int, int]]:
+    """Row ranges to sample, one per search thread, cut at multiples of the stride (so together
+    they sample every stride-th row). With ``encoding``, the last range is shortened by the time
+    the queries' encoding takes, for the thread that makes it (it is queued first)."""
+    threads, stride = len(plan.bounds), plan.stride
+    if not encoding or threads < 2:
+        shares = [1.0 / threads] * threads
+    else:
+        per_row = b * (2 * d * FLOP_NS + SAMPLE_ROW_NS)  # one sampled row against every query
+        lead = (ENCODE_NS + ENCODE_VALUE_NS * b * d) / (per_row * n / stride)  # encoding / whole sample
+        last = max(0.0, 1.0 - (threads - 1) * (1.0 + lead) / threads)
+        shares = [(1.0 - last) / (threads - 1)] * (threads - 1) + [last]
+    cuts = [0]
+    for share in shares[:-1]:
+        cuts.append(min(n, cuts[-1] + round(share * n / stride) * stride))
+    cuts.append(n)
+    minimum = stride * SAMPLE_GROUP * plan.rank  # fewer rows: too few sample scores to rank
+    ranges = [(lo, hi) for lo, hi in itertools.pairwise(cuts) if hi > lo]
+    if len(ranges) > 1 and ranges[-1][1] - ranges[-1][0] < minimum:
+        ranges[-2:] = [(ranges[-2][0], n)]
+    return ranges
 
 
 def _knn_ranges(rows: np.ndarray, queries: np.ndarray, k: int,
@@ -355,19 +426,20 @@ def _sample_best(rows: torch.Tensor, queries: torch.Tensor, plan: _Plan) -> np.n
     return np.partition(best, best.shape[1] - rank, axis=1)[:, best.shape[1] - rank:]
 
 
-def _scan(rows: torch.Tensor, queries: torch.Tensor, threshold: np.ndarray, lo: int, hi: int,
-          plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
-    """Rows[lo:hi] scoring above each query's threshold, grouped by query: (counts (B,), keys)."""
+def _scan(rows: torch.Tensor, queries: torch.Tensor, threshold: np.ndarray, pieces: Iterable[tuple[int, int]],
+          chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``pieces`` (ranges of at most ``chunk`` rows) scoring above each query's threshold,
+    grouped by query: (counts (B,), keys)."""
     b = queries.shape[0]
     above = np.ascontiguousarray(threshold)[None, :]  # (1, B); contiguous, or numpy's compare loses SIMD
-    scores = scratch("scores", plan.chunk * b, torch.float32)
+    scores = scratch("scores", chunk * b, torch.float32)
     flat = scores.numpy()
-    mask = scratch("mask", plan.chunk * b, torch.bool).numpy()
+    mask = scratch("mask", chunk * b, torch.bool).numpy()
     queries_t = queries.T  # (D, B) view: the GEMM reads it transposed, no copy
     found_q, found_v, found_r = [], [], []
-    for j0 in range(lo, hi, plan.chunk):
-        n = min(plan.chunk, hi - j0)
-        torch.mm(rows[j0:j0 + n], queries_t, out=scores[:n * b].view(n, b))  # (n, B)
+    for j0, j1 in pieces:
+        n = j1 - j0
+        torch.mm(rows[j0:j1], queries_t, out=scores[:n * b].view(n, b))  # (n, B)
         np.greater(flat[:n * b].reshape(n, b), above, out=mask[:n * b].reshape(n, b))
         hits = np.flatnonzero(mask[:n * b])
         found_v.append(flat[hits])
@@ -379,6 +451,8 @@ def _scan(rows: torch.Tensor, queries: torch.Tensor, threshold: np.ndarray, lo: 
 def _group(b: int, found_q: list[np.ndarray], found_v: list[np.ndarray],
            found_r: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Candidates (query, score, row) of a thread's chunks -> (counts (B,), keys grouped by query)."""
+    if not found_q:  # the other threads took every piece
+        return np.zeros(b, dtype=np.int64), np.empty(0, dtype=np.uint64)
     query = np.concatenate(found_q)
     order = np.argsort(query.astype(np.int16 if b <= 32767 else np.int32), kind="stable")  # radix
     keys = _pack(np.concatenate(found_v), np.concatenate(found_r))[order]
@@ -386,14 +460,14 @@ def _group(b: int, found_q: list[np.ndarray], found_v: list[np.ndarray],
 
 
 def _scan_filtered(rows: np.ndarray, queries: np.ndarray, scan: Scan, threshold: np.ndarray,
-                   lo: int, hi: int, plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_scan` with a prefilter: ``scan`` (``fgc_bank.prefilter``) finds, per chunk, a
+                   pieces: Iterable[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_scan` with a prefilter: ``scan`` (``fgc_bank.prefilter``) finds, per piece, a
     superset of the (row, query) pairs whose float32 score beats the query's threshold; those are
     scored again in float32 while the rows are still in cache, and kept if they beat it."""
     b, d = queries.shape
     found_q, found_v, found_r = [], [], []
-    for j0 in range(lo, hi, plan.chunk):
-        row, query = np.divmod(scan(j0, min(plan.chunk, hi - j0)), b)
+    for j0, j1 in pieces:
+        row, query = np.divmod(scan(j0, j1 - j0), b)
         row += j0
         exact = np.empty(row.size, dtype=np.float32)
         faiss.pairwise_indexed_inner_product(d, row.size, faiss.swig_ptr(queries), faiss.swig_ptr(query),

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 
 import numpy as np
 import pytest
+import torch
 
 from fgc_bank import search
 from fgc_bank.search import search_inner_product
@@ -143,6 +145,80 @@ def test_thread_count_does_not_change_the_answer(threads: int) -> None:
     finally:
         search.set_threads(0)
     assert_exact(rows, queries, 40, scores, ids)
+
+
+def claimed_by_threads(claims: search._Claims, tasks: int, stall_first: bool) -> list[list[tuple[int, int]]]:
+    """Pieces each of ``tasks`` threads took from ``claims``. With ``stall_first``, the first task
+    holds its first piece until every other task has finished: a thread on a busy core."""
+    taken: list[list[tuple[int, int]]] = [[] for _ in range(tasks)]
+    others_done = threading.Event()
+    started = [threading.Event() for _ in range(tasks)]
+
+    def work(t: int) -> None:
+        if t:
+            started[t - 1].wait()  # owners in thread order: the first task owns the first run
+        pieces = claims.pieces()
+        for piece in pieces:
+            started[t].set()
+            taken[t].append(piece)
+            if t == 0 and stall_first:
+                others_done.wait()
+        started[t].set()
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(tasks)]
+    for thread in threads:
+        thread.start()
+    for thread in threads[1:]:
+        thread.join()
+    others_done.set()
+    threads[0].join()
+    return taken
+
+
+@pytest.mark.parametrize("n, chunk, tasks", [(10007, 1000, 3), (4096, 4096, 2), (5, 1, 4), (100, 7, 1)])
+@pytest.mark.parametrize("stall_first", [False, True])
+def test_claims_hand_out_every_row_once(n: int, chunk: int, tasks: int, stall_first: bool) -> None:
+    """The pieces of a phase cover rows 0..n exactly once, in chunks; a stalled task's run is
+    taken over by the others (it keeps only the piece it was on)."""
+    taken = claimed_by_threads(search._Claims(n, chunk, tasks), tasks, stall_first)
+    covered = np.zeros(n, dtype=int)
+    for lo, hi in (piece for pieces in taken for piece in pieces):
+        assert 0 < hi - lo <= chunk and lo % chunk == 0
+        covered[lo:hi] += 1
+    assert (covered == 1).all()
+    if stall_first and tasks > 1:
+        assert taken[0] == [(0, chunk)]
+
+
+@pytest.mark.parametrize("n, b, d, encoding", [(50000, 256, 64, True), (50000, 1024, 64, True),
+                                               (1281167, 256, 512, True), (50000, 256, 64, False)])
+def test_sample_ranges_sample_every_stride_th_row(n: int, b: int, d: int, encoding: bool) -> None:
+    """However the sample is cut between threads (the one encoding the queries samples less),
+    together the ranges sample exactly rows 0, stride, 2 stride, ..."""
+    plan = search._Plan(((0, n // 2), (n // 2, n)), 4096, 16, 29, True)
+    ranges = search._sample_ranges(n, b, d, plan, encoding)
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(hi == lo for (_, hi), (lo, _) in zip(ranges, ranges[1:]))
+    assert all(lo % plan.stride == 0 for lo, _ in ranges)
+    if encoding:
+        assert ranges[-1][1] - ranges[-1][0] < ranges[0][1] - ranges[0][0]
+
+
+def test_a_search_thread_left_without_rows_adds_nothing() -> None:
+    """A search thread whose rows the others all took reports no candidates, and merging that
+    empty part with the others' still gives the exact top-k."""
+    rows = make_bank(20000, 64)
+    queries = make_queries(rows, 64)
+    k = 100
+    exact = queries.astype(np.float64) @ rows.astype(np.float64).T
+    threshold = (-np.sort(-exact, axis=1)[:, k + 50]).astype(np.float32)  # ~150 candidates a query
+    rows_t, queries_t = torch.from_numpy(rows), torch.from_numpy(queries)
+    empty = search._scan(rows_t, queries_t, threshold, [], 8192)
+    assert empty[0].shape == (64,) and not empty[0].any() and empty[1].size == 0
+    found = search._scan(rows_t, queries_t, threshold, [(0, 8192), (8192, 16384), (16384, 20000)], 8192)
+    scores, ids = np.empty((64, k), np.float32), np.empty((64, k), np.int64)
+    search._finish([empty, found, empty], threshold, 0, 64, scores, ids)
+    assert_exact(rows, queries, k, scores, ids)
 
 
 def test_rejects_mismatched_shapes_and_k() -> None:
