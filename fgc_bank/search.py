@@ -19,8 +19,10 @@ Why not just ``faiss.knn`` (``benchmarks/README.md`` has the measurements; 2-cor
 What this module does instead:
 
 - One search thread per core (a pool), each single-threaded in torch and FAISS (both settings
-  are per thread): no OpenMP team, no barrier per chunk. Each thread owns a contiguous range of
-  rows and all the queries; threads meet once per phase.
+  are per thread): no OpenMP team, no barrier per chunk. Each thread works on all the queries and
+  a share of the rows; threads meet once per phase. In the threshold scan the shares are not
+  fixed (:class:`_Claims`): a thread that finishes its own run of row pieces takes half of the
+  longest run left, so a thread on a slower or busier core does not hold the others.
 - Scores come from one ``torch.mm`` per chunk of rows into a preallocated, cache-sized buffer.
 - Selection, chosen per call by a small cost model (:func:`_plan`):
 
