@@ -65,7 +65,7 @@ from fgc_bank.prefilter import Prefilter, Scan, scratch
 
 SCORES_PER_CHUNK = 1 << 20  # threshold strategy: one thread's (c, B) score buffer, 4 MB
 HEAP_SCORES_PER_CHUNK = 1 << 19  # heap strategy: one thread's (B, c) score buffer, 2 MB
-MIN_CHUNK_ROWS = 4096  # prefilter scan: a smaller chunk's fixed costs show (2048 rows: 1.4x per row at B=256)
+MIN_CHUNK_ROWS = 4096  # prefilter scan: a smaller chunk's fixed costs show (2048 rows: 1.1-1.5x per row at B=256)
 CHUNKS_PER_THREAD = 4  # prefilter scan: at least this many chunks a thread, unless that makes them small
 MIN_ROWS_PER_THREAD = 4096  # below this a thread's share is not worth the hand-off
 MIN_BATCH = 8  # fewer queries: faiss.knn's own paths are as good
@@ -273,7 +273,8 @@ class _Claims:
     else (one vCPU of this VM often runs 20% slower than the other; the socket's threads wake on
     one core) is covered by the others instead of keeping them waiting: a static split loses
     that difference, this loses at most the piece in flight. Pieces keep fixed bounds, so oneDNN
-    sees the same few shapes and reuses its cached primitives.
+    sees the same two shapes and can reuse its cached primitives (stealing halves of any size
+    measured slower).
     """
 
     def __init__(self, n: int, chunk: int, owners: int) -> None:
