@@ -101,12 +101,22 @@ def text_table(results: list[dict[str, Any]], peak: dict[str, Any]) -> str:
         one = s["clients"].get("1", {})
         if "wire_p50_ms" in one:
             lines.append(f"  wire (client p50 - server p50, 1 client): {one['wire_p50_ms']:.2f} ms of {one['knn_ms']['p50_ms']:.1f} ms")
+        if paired := _paired(s):
+            lines.append(f"  server / search-beside, paired blocks: {paired}")
     lines.append("")
     lines.append("targets:")
     for c in checks(results):
         goal = "" if c.goal is None else f" (goal >= {c.goal:g})"
         lines.append(f"  {c.workload:<13} {c.what:<52} {c.value:7.3f}{goal:<16} {c.verdict}")
     return "\n".join(lines)
+
+
+def _paired(server: dict[str, Any]) -> str:
+    """"1 client(s) 0.915 (0.870-0.950, 8 pairs), ...": each server block over the search block
+    timed just before it. Their range shows how far one block's ratio strays; the checks use the
+    ratio of the medians."""
+    return ", ".join(f"{c} client(s) {x['median']:.3f} ({x['low']:.3f}-{x['high']:.3f}, {x['n']} pairs)"
+                     for c, e in server["clients"].items() if (x := e.get("x_beside")))
 
 
 def contender_rows(result: dict[str, Any]) -> list[tuple[str, float, str, float, float, float]]:
@@ -228,6 +238,8 @@ def markdown(run: dict[str, Any], chart_name: str) -> str:
             out.append(f"| knn: client p50 - server p50 (ms) | | {one['wire_p50_ms']:.2f} of {one['knn_ms']['p50_ms']:.1f} |")
         coalesced = ", ".join(f"{c} client(s): {e['requests_per_search']:.2f}" for c, e in s["clients"].items())
         out += ["", f"Requests answered per search call on the server (coalescing): {coalesced}.", ""]
+        if paired := _paired(s):
+            out += [f"Server / search-beside, block by block (median, min-max of the pairs): {paired}.", ""]
     out += ["## Targets", "", "| workload | ratio | measured | goal | verdict |", "| --- | --- | ---: | ---: | --- |"]
     for c in checks(results):
         out.append(f"| {c.workload} | {c.what} | {c.value:.3f} | {'' if c.goal is None else f'>= {c.goal:g}'} | {c.verdict} |")

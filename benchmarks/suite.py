@@ -19,6 +19,7 @@ from fgc_bank.search import search_inner_product, set_threads
 
 QUERY_BATCHES = 4
 SERVER_REPS = 3  # repetitions of each aggregate server measurement
+SERVER_PAIRS = 8  # blocks of server knn runs per client count, each after a block of the raw search
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,11 @@ def run_server(workload: Workload, settings: Settings, step_s: float, tick: Call
                beside: Callable[[int], float]) -> dict[str, Any]:
     """The same bank behind ``fgc-bank serve``, loaded by 1, 2, 4... client processes.
 
-    Before each measured server run, ``beside`` times the raw search in this process for as many
-    requests: the ratios the targets ask for then compare runs minutes apart at most seconds
-    apart, on a VM whose speed drifts by several percent over a run.
+    Each measured server run follows a block of as many raw searches in this process
+    (``beside``): the targets compare the server's median with those blocks' (``search-beside``)
+    rather than with the in-process figures of minutes earlier, as this VM's speed drifts by
+    several percent over a run. Each pair's own ratio is kept too (``x_beside``), to show how far
+    one block strays.
     """
     out: dict[str, Any] = {"clients": {}}
     reference: list[float] = []
@@ -98,17 +101,20 @@ def run_server(workload: Workload, settings: Settings, step_s: float, tick: Call
         with remote.Fleet(server.address, workload, cfg.name, max(settings.clients), settings.seed) as fleet:
             tick(f"{workload.name}: clients up")
             count = reps_for(step_s, settings.budget_s / SERVER_REPS, 2, 4 * settings.max_reps)
+            block = reps_for(step_s, settings.budget_s / SERVER_PAIRS, 2, 4 * settings.max_reps)
             for clients in settings.clients:
                 fleet.run("knn", 1, clients)  # warm-up
                 tick(f"{workload.name}: warm {clients} client(s)")
-                runs = []
+                runs, ratios = [], []
                 before = remote.server_counters(admin.stats())
-                for _ in range(SERVER_REPS):
-                    reference.append(beside(count))
-                    runs.append(fleet.run("knn", count, clients))
+                for _ in range(SERVER_PAIRS):
+                    reference.append(beside(block))
+                    runs.append(fleet.run("knn", block, clients))
+                    ratios.append(remote.aggregate_qps(runs[-1], workload.batch) / reference[-1])
                 after = remote.server_counters(admin.stats())
                 calls, requests = after[0] - before[0], after[1] - before[1]
                 entry = {"qps": Stats.of([remote.aggregate_qps(r, workload.batch) for r in runs]).to_json(),
+                         "x_beside": Stats.of(ratios).to_json(),
                          "knn_ms": asdict(Latency.of(remote.pooled(runs))),
                          "requests_per_search": requests / calls if calls else 0.0}
                 if clients == 1:

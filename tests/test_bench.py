@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from benchmarks import inprocess, report
 from benchmarks.cli import bench
+from benchmarks.suite import SERVER_PAIRS
 from benchmarks.timing import Latency, Stats
 from benchmarks.workloads import WORKLOADS, make_queries, make_update_ids
 from fgc_bank import prefilter
@@ -41,7 +42,13 @@ def test_quick_bench_writes_json_chart_and_page(tmp_path: Path) -> None:
         assert 0 < stats["low"] <= stats["median"] <= stats["high"] and stats["n"] >= 1
     assert set(res["server"]["clients"]) == {"1", "2"}
     beside = res["server"]["search_beside"]["qps"]
-    assert 0 < beside["low"] <= beside["median"] <= beside["high"] and beside["n"] == 2 * 3  # 2 client counts x 3 reps
+    assert 0 < beside["low"] <= beside["median"] <= beside["high"] and beside["n"] == 2 * SERVER_PAIRS  # per client count
+    for entry in res["server"]["clients"].values():
+        paired = entry["x_beside"]
+        assert 0 < paired["low"] <= paired["median"] <= paired["high"] and paired["n"] == SERVER_PAIRS
+    one = next(c for c in run["checks"] if c["what"] == "server, 1 client / search in process")
+    assert one["value"] == pytest.approx(res["server"]["clients"]["1"]["qps"]["median"] / beside["median"])
+    assert "paired blocks" in result.output
     for latency in (res["bank"]["knn_update_ms"], res["server"]["knn_update_ms"]):
         assert 0 < latency["p50_ms"] <= latency["p99_ms"]
     assert res["bank"]["update_rows_per_s"]["median"] > 0 and res["server"]["update_rows_per_s"]["median"] > 0
@@ -92,3 +99,7 @@ def test_checks_compare_the_right_contenders() -> None:
     assert found["server, 1 client / search in process"] == (pytest.approx(1.0), "met")
     assert found["server, 4 clients (aggregate) / search in process"] == (pytest.approx(820 / 760), "met")
     assert found["in-process bank / search in process"] == (pytest.approx(0.9875), "met")
+    # The paired blocks' ratios are reported beside the checks, not used by them.
+    result["server"]["clients"]["1"]["x_beside"] = {"median": 0.88, "low": 0.8, "high": 0.95, "n": 8}
+    assert report._paired(result["server"]) == "1 client(s) 0.880 (0.800-0.950, 8 pairs)"
+    assert found == {c.what: (c.value, c.verdict) for c in report.checks([result])}

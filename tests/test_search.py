@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import threading
 
 import numpy as np
@@ -198,7 +199,7 @@ def test_sample_ranges_sample_every_stride_th_row(n: int, b: int, d: int, encodi
     plan = search._Plan(((0, n // 2), (n // 2, n)), 4096, 16, 29, True)
     ranges = search._sample_ranges(n, b, d, plan, encoding)
     assert ranges[0][0] == 0 and ranges[-1][1] == n
-    assert all(hi == lo for (_, hi), (lo, _) in zip(ranges, ranges[1:]))
+    assert all(hi == lo for (_, hi), (lo, _) in itertools.pairwise(ranges))
     assert all(lo % plan.stride == 0 for lo, _ in ranges)
     if encoding:
         assert ranges[-1][1] - ranges[-1][0] < ranges[0][1] - ranges[0][0]
