@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from benchmarks import inprocess, report
 from benchmarks.cli import bench
-from benchmarks.suite import SERVER_PAIRS
+from benchmarks.suite import SERVER_PAIRS, WIRE_MIN_REQUESTS
 from benchmarks.timing import Latency, Stats
 from benchmarks.workloads import WORKLOADS, make_queries, make_update_ids
 from fgc_bank import prefilter
@@ -49,6 +49,9 @@ def test_quick_bench_writes_json_chart_and_page(tmp_path: Path) -> None:
     one = next(c for c in run["checks"] if c["what"] == "server, 1 client / search in process")
     assert one["value"] == pytest.approx(res["server"]["clients"]["1"]["qps"]["median"] / beside["median"])
     assert "paired blocks" in result.output
+    assert res["server"]["clients"]["1"]["server_knn_p50_ms"] > 0
+    one_client = res["server"]["clients"]["1"]
+    assert ("wire_p50_ms" in one_client) == (one_client["knn_ms"]["n"] >= WIRE_MIN_REQUESTS)
     for latency in (res["bank"]["knn_update_ms"], res["server"]["knn_update_ms"]):
         assert 0 < latency["p50_ms"] <= latency["p99_ms"]
     assert res["bank"]["update_rows_per_s"]["median"] > 0 and res["server"]["update_rows_per_s"]["median"] > 0
