@@ -87,11 +87,12 @@ def run_server(workload: Workload, settings: Settings, step_s: float, tick: Call
                beside: Callable[[int], float]) -> dict[str, Any]:
     """The same bank behind ``fgc-bank serve``, loaded by 1, 2, 4... client processes.
 
-    Each measured server run follows a block of as many raw searches in this process
-    (``beside``): the targets compare the server's median with those blocks' (``search-beside``)
-    rather than with the in-process figures of minutes earlier, as this VM's speed drifts by
-    several percent over a run. Each pair's own ratio is kept too (``x_beside``), to show how far
-    one block strays.
+    Each measured server block follows a block of as many raw searches in this process
+    (``beside``). For each client count the targets compare the median of its server blocks with
+    the median of the search blocks between them (``beside_qps``), not with the in-process
+    figures of minutes earlier nor with other client counts' blocks: this VM's speed drifts by
+    several percent within a run. Each pair's own ratio is kept too (``x_beside``), to show how
+    far one block strays.
     """
     out: dict[str, Any] = {"clients": {}}
     reference: list[float] = []
@@ -106,15 +107,17 @@ def run_server(workload: Workload, settings: Settings, step_s: float, tick: Call
             for clients in settings.clients:
                 fleet.run("knn", 1, clients)  # warm-up
                 tick(f"{workload.name}: warm {clients} client(s)")
-                runs, ratios = [], []
+                runs, searches, ratios = [], [], []
                 before = remote.server_counters(admin.stats())
                 for _ in range(SERVER_PAIRS):
-                    reference.append(beside(block))
+                    searches.append(beside(block))
                     runs.append(fleet.run("knn", block, clients))
-                    ratios.append(remote.aggregate_qps(runs[-1], workload.batch) / reference[-1])
+                    ratios.append(remote.aggregate_qps(runs[-1], workload.batch) / searches[-1])
                 after = remote.server_counters(admin.stats())
                 calls, requests = after[0] - before[0], after[1] - before[1]
+                reference += searches
                 entry = {"qps": Stats.of([remote.aggregate_qps(r, workload.batch) for r in runs]).to_json(),
+                         "beside_qps": Stats.of(searches).to_json(),
                          "x_beside": Stats.of(ratios).to_json(),
                          "knn_ms": asdict(Latency.of(remote.pooled(runs))),
                          "requests_per_search": requests / calls if calls else 0.0}
