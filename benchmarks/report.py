@@ -68,6 +68,10 @@ def checks(results: list[dict[str, Any]]) -> list[Check]:
             out.append(Check(name, "server, 1 client / compute bound", qps_of(r, "server-1") / bound,
                              TARGET_BOUND.get(name)))
             out.append(Check(name, "server, 1 client / search in process", _x_search(r, "1", search), 0.9))
+            one = r["server"]["clients"]["1"]
+            if "wire_p50_ms" in one:  # the same goal, per request: the wire's share under 10%
+                out.append(Check(name, "server, 1 client: server p50 / client p50",
+                                 one["server_knn_p50_ms"] / one["knn_ms"]["p50_ms"], 0.9))
         if PIPELINED in have:
             out.append(Check(name, "server, 1 client, 2 in flight / compute bound", qps_of(r, PIPELINED) / bound, None))
             out.append(Check(name, "server, 1 client, 2 in flight / search in process",

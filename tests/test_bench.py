@@ -107,6 +107,11 @@ def test_checks_compare_the_right_contenders() -> None:
     result["server"]["clients"]["1"]["x_beside"] = {"median": 0.88, "low": 0.8, "high": 0.95, "n": 8}
     assert report._paired(result["server"]) == "1 client(s) 0.880 (0.800-0.950, 8 pairs)"
     assert found == {c.what: (c.value, c.verdict) for c in report.checks([result])}
+    assert "server, 1 client: server p50 / client p50" not in found  # no wire figure in this run
+    result["server"]["clients"]["1"].update(knn_ms={"p50_ms": 12.5, "p99_ms": 20.0, "n": 500},
+                                            server_knn_p50_ms=11.4, wire_p50_ms=1.1)
+    found = {c.what: (c.value, c.verdict) for c in report.checks([result])}
+    assert found["server, 1 client: server p50 / client p50"] == (pytest.approx(11.4 / 12.5), "met")
     # The search blocks timed between one client count's own blocks take precedence.
     result["server"]["clients"]["1"]["beside_qps"] = stats(840)
     found = {c.what: (c.value, c.verdict) for c in report.checks([result])}
