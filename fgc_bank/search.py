@@ -20,7 +20,7 @@ What this module does instead:
 
 - One search thread per core (a pool), each single-threaded in torch and FAISS (both settings
   are per thread): no OpenMP team, no barrier per chunk. Each thread works on all the queries and
-  a share of the rows; threads meet once per phase. In the threshold scan the shares are not
+  a share of the rows; threads meet once per phase. In the scan over all rows the shares are not
   fixed (:class:`_Claims`): a thread that finishes its own run of row pieces takes half of the
   longest run left, so a thread on a slower or busier core does not hold the others.
 - Scores come from one ``torch.mm`` per chunk of rows into a preallocated, cache-sized buffer.
@@ -308,8 +308,8 @@ def _search_blocked(rows: np.ndarray, queries: np.ndarray, k: int,
     plan = _plan(rows.shape[0], rows.shape[1], queries.shape[0], k, low)
     rows_t, queries_t = torch.from_numpy(rows), torch.from_numpy(queries)
     if not plan.rank:
-        parts = _run([(_heap_range, rows_t, queries_t, k, lo, hi, plan.chunk) for lo, hi in plan.bounds])
-        return _merge(parts, k)
+        claims = _Claims(rows.shape[0], plan.chunk, len(plan.bounds))
+        return _merge(_run([(_heap_scan, rows_t, queries_t, k, claims.pieces(), plan.chunk) for _ in plan.bounds]), k)
     b = queries.shape[0]
     # The queries' low-precision encoding does not need the thresholds: it runs beside the sample,
     # and the thread that makes it samples fewer rows.
@@ -368,10 +368,11 @@ def _knn_ranges(rows: np.ndarray, queries: np.ndarray, k: int,
 
 
 def _merge(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each thread's (scores, ids), (B, k) -> the k best of all, best first."""
+    """Each thread's (scores, ids), (B, k) -> the k best of all, best first. Slots with id -1
+    (a thread that saw fewer than k rows) become empty keys, below every row's."""
     if len(parts) == 1:
         return parts[0]
-    keys = np.concatenate([_pack(s, i) for s, i in parts], axis=1)
+    keys = np.concatenate([np.where(i >= 0, _pack(s, i), 0) for s, i in parts], axis=1)
     keys.sort(axis=1)
     return _decode(keys[:, :-k - 1:-1])
 
@@ -384,17 +385,18 @@ def _knn_range(rows: np.ndarray, queries: np.ndarray, k: int, lo: int, hi: int) 
 # -- the phases, each run on every search thread --------------------------------------------------
 
 
-def _heap_range(rows: torch.Tensor, queries: torch.Tensor, k: int, lo: int, hi: int,
-                chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of rows[lo:hi] through one FAISS min-heap per query: (scores, ids), (B, k), best first."""
+def _heap_scan(rows: torch.Tensor, queries: torch.Tensor, k: int, pieces: Iterable[tuple[int, int]],
+               chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of the rows of ``pieces`` (ranges of at most ``chunk`` rows) through one FAISS
+    min-heap per query: (scores, ids), (B, k), best first; slots no row filled hold id -1."""
     b = queries.shape[0]
     vals = np.empty((b, k), dtype=np.float32)
     ids = np.empty((b, k), dtype=np.int64)
     heaps = _heaps(vals, ids)
     scores = scratch("scores", chunk * b, torch.float32)
-    for j0 in range(lo, hi, chunk):
-        n = min(chunk, hi - j0)
-        torch.mm(queries, rows[j0:j0 + n].T, out=scores[:n * b].view(b, n))  # (B, n), as heaps read
+    for j0, j1 in pieces:
+        n = j1 - j0
+        torch.mm(queries, rows[j0:j1].T, out=scores[:n * b].view(b, n))  # (B, n), as heaps read
         heaps.addn(n, faiss.swig_ptr(scores.numpy()), j0, 0, b)
     heaps.reorder()
     return vals, ids

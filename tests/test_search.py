@@ -222,6 +222,22 @@ def test_a_search_thread_left_without_rows_adds_nothing() -> None:
     assert_exact(rows, queries, k, scores, ids)
 
 
+def test_a_heap_thread_with_fewer_than_k_rows_adds_nothing() -> None:
+    """The heap strategy's threads share pieces too: one left with no rows, or fewer than k,
+    returns slots with id -1, and merging them with the others' heaps gives the exact top-k."""
+    rows = make_bank(20000, 64)
+    queries = make_queries(rows, 48)
+    k = 100
+    rows_t, queries_t = torch.from_numpy(rows), torch.from_numpy(queries)
+    empty = search._heap_scan(rows_t, queries_t, k, [], 2048)
+    assert (empty[1] == -1).all()
+    few = search._heap_scan(rows_t, queries_t, k, [(0, 40)], 2048)  # 40 rows: 60 slots stay empty
+    assert (few[1][:, :40] >= 0).all() and (few[1][:, 40:] == -1).all()
+    rest = search._heap_scan(rows_t, queries_t, k, [(j, min(j + 2048, 20000)) for j in range(40, 20000, 2048)], 2048)
+    scores, ids = search._merge([empty, few, rest, empty], k)
+    assert_exact(rows, queries, k, scores, ids)
+
+
 def test_rejects_mismatched_shapes_and_k() -> None:
     rows = make_bank(100, 8)
     with pytest.raises(ValueError, match="share D"):
