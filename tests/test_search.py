@@ -238,6 +238,36 @@ def test_a_heap_thread_with_fewer_than_k_rows_adds_nothing() -> None:
     assert_exact(rows, queries, k, scores, ids)
 
 
+def test_phases_chain_on_the_search_threads_and_report_failures() -> None:
+    """Each phase's last task starts the next phase from its own thread; many chained searches
+    sharing the pool all finish (no task waits for another), and a failing task ends its
+    search's future without running what follows."""
+    def chain(tag: int) -> concurrent.futures.Future:
+        done: concurrent.futures.Future = concurrent.futures.Future()
+
+        def second(first: list) -> None:
+            search._then([(lambda x: x * 10, v) for v in first], done.set_result, done, False)
+
+        search._then([(lambda i: tag + i, i) for i in range(3)], second, done, False)
+        return done
+
+    chains = [chain(100 * t) for t in range(12)]
+    assert [c.result(timeout=30) for c in chains] == [[1000 * t, 1000 * t + 10, 1000 * t + 20] for t in range(12)]
+
+    def fail() -> None:
+        raise RuntimeError("boom")
+
+    after: list = []
+    done: concurrent.futures.Future = concurrent.futures.Future()
+    search._then([(fail,), (lambda: 1,)], after.append, done, False)
+    with pytest.raises(RuntimeError, match="boom"):
+        done.result(timeout=30)
+    assert after == []
+    done = concurrent.futures.Future()
+    search._then([(lambda: 2,), (lambda: 3,)], done.set_result, done, True)  # inline: already done
+    assert done.done() and done.result() == [2, 3]
+
+
 def test_rejects_mismatched_shapes_and_k() -> None:
     rows = make_bank(100, 8)
     with pytest.raises(ValueError, match="share D"):
