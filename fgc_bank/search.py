@@ -22,9 +22,9 @@ What this module does instead:
   are per thread): no OpenMP team, no barrier per chunk. Each thread works on all the queries and
   a share of the rows. Phases (sample, scan, finish) follow each other on the search threads:
   the thread that ends one starts the next (:func:`_then`), and the caller waits for the
-  answer only. In the scan over all rows the shares are not
-  fixed (:class:`_Claims`): a thread that finishes its own run of row pieces takes half of the
-  longest run left, so a thread on a slower or busier core does not hold the others.
+  answer only. In the scan over all rows the shares are not fixed (:class:`_Claims`): a thread
+  that finishes its own run of row pieces takes half of the longest run left, so a thread on a
+  slower or busier core does not hold the others.
 - Scores come from one ``torch.mm`` per chunk of rows into a preallocated, cache-sized buffer.
 - Selection, chosen per call by a small cost model (:func:`_plan`):
 
