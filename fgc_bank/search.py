@@ -279,15 +279,16 @@ def _then(tasks: list[tuple], after: Callable[[list], None], done: concurrent.fu
         after([task[0](*task[1:]) for task in tasks])
         return
     results: list = [None] * len(tasks)
-    left = [len(tasks)]
+    left = len(tasks)
     lock = threading.Lock()
 
     def run(i: int) -> None:
+        nonlocal left
         try:
             results[i] = tasks[i][0](*tasks[i][1:])
             with lock:
-                left[0] -= 1
-                last = not left[0]
+                left -= 1
+                last = not left
             if last and not done.done():
                 after(results)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller waiting on done
