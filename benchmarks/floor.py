@@ -81,11 +81,11 @@ def measure(workload: Workload, blocks: int, per_block: int, threads: int = 0, s
     Raises RuntimeError if the three contenders do not return the same neighbours.
     """
     set_threads(threads)
-    bank = MemoryBank(workload.bank_config(seed))
+    cfg = workload.bank_config(seed)
+    bank = MemoryBank(cfg)
     queries = make_queries(bank.rows_np.__getitem__, workload.rows, workload.batch, QUERY_BATCHES, seed)
     with tempfile.TemporaryDirectory(prefix="fgc-bank-floor-") as tmp, remote.Server(threads) as server, \
             connect(server.address, **remote.CLIENT_OPTIONS) as client:
-        cfg = workload.bank_config(seed)
         client.create(cfg.name, cfg.rows, cfg.dim, momentum=cfg.momentum, init=cfg.init, seed=cfg.seed)
         bare_process, bare = _start_bare(Path(tmp) / "address", workload, seed, threads, cfg.name)
         try:
@@ -94,8 +94,9 @@ def measure(workload: Workload, blocks: int, per_block: int, threads: int = 0, s
                 "server": lambda q: client.knn(cfg.name, q, workload.k),
                 "bare": lambda q: bare.knn(q, workload.k),
             }
-            answers = {name: np.asarray(_ids(call(queries[0]))) for name, call in calls.items()}
-            if not all(np.array_equal(answers["search"], ids) for ids in answers.values()):
+            ids = calls["search"](queries[0])[1]
+            if not (np.array_equal(ids, calls["server"](queries[0]).ids)
+                    and np.array_equal(ids, calls["bare"](queries[0])[1])):
                 raise RuntimeError("the server, the bare server and the search disagree on the neighbours")
             seconds: dict[str, list[float]] = {name: [] for name in calls}
             for block in range(blocks):
@@ -113,11 +114,8 @@ def measure(workload: Workload, blocks: int, per_block: int, threads: int = 0, s
             "x_search": {name: float(np.median(search / np.array(s))) for name, s in seconds.items()}}
 
 
-def _ids(answer: Any) -> np.ndarray:
-    return answer.ids if hasattr(answer, "ids") else answer[1]
-
-
-def _start_bare(address_file: Path, workload: Workload, seed: int, threads: int, bank: str) -> tuple[Any, BareClient]:
+def _start_bare(address_file: Path, workload: Workload, seed: int, threads: int,
+                bank: str) -> tuple[subprocess.Popen[bytes], BareClient]:
     command = [sys.executable, "-m", "benchmarks.floor", "--serve-bare", str(address_file),
                "--workload", workload.name, "--max-rows", str(workload.rows), "--seed", str(seed),
                "--threads", str(threads)]
