@@ -120,13 +120,12 @@ def _start_bare(address_file: Path, workload: Workload, seed: int, threads: int,
                "--workload", workload.name, "--max-rows", str(workload.rows), "--seed", str(seed),
                "--threads", str(threads)]
     process = subprocess.Popen(command)
-    deadline = time.monotonic() + remote.SERVER_START_TIMEOUT_S
-    while not (address_file.exists() and address_file.read_text()):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"the bare server did not start: {' '.join(command)}")
-        time.sleep(0.05)
-    return process, BareClient(address_file.read_text(), bank)
+    try:
+        address = remote.wait_for_address(process, address_file, command)
+    except RuntimeError:
+        process.kill()
+        raise
+    return process, BareClient(address, bank)
 
 
 @click.command(context_settings={"show_default": True})

@@ -39,6 +39,19 @@ QUERY_BATCHES = 4
 WINDOW = 2  # requests in flight for the "knn_window" runs
 
 
+def wait_for_address(process: subprocess.Popen, address_file: Path, command: Sequence[str]) -> str:
+    """The address a server ``process`` writes to ``address_file`` once it listens; RuntimeError
+    if it exits first or takes longer than ``SERVER_START_TIMEOUT_S``."""
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while not (address_file.exists() and address_file.read_text().strip()):
+        if process.poll() is not None:
+            raise RuntimeError(f"{' '.join(command)} exited with code {process.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{' '.join(command)} did not write {address_file} within {SERVER_START_TIMEOUT_S:.0f} s")
+        time.sleep(0.05)
+    return address_file.read_text().strip()
+
+
 class Server:
     """``fgc-bank serve --port 0`` in a subprocess; ``address`` once it is listening."""
 
@@ -49,15 +62,11 @@ class Server:
                    "--address-file", str(address_file), "--faiss-threads", str(threads),
                    "--workers", str(workers)]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while not address_file.exists():
-            if self.process.poll() is not None:
-                raise RuntimeError(f"fgc-bank serve exited with code {self.process.returncode}: {' '.join(command)}")
-            if time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError(f"fgc-bank serve did not write {address_file} within {SERVER_START_TIMEOUT_S:.0f} s")
-            time.sleep(0.05)
-        self.address = address_file.read_text().strip()
+        try:
+            self.address = wait_for_address(self.process, address_file, command)
+        except RuntimeError:
+            self.close()
+            raise
 
     def close(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL if it lingers)."""
