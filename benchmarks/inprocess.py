@@ -97,11 +97,12 @@ def count(kind: str | None) -> int:
 
 
 def measure(contenders: Sequence[Method], batches: Sequence[np.ndarray], budget_s: float,
-            min_reps: int, max_reps: int, tick: Callable[[str], None], rounds: int = 3) -> dict[str, list[float]]:
+            min_reps: int, max_reps: int, tick: Callable[[str], None], rounds: int = 6) -> dict[str, list[float]]:
     """Seconds per batch for each contender: a warm-up, then ``rounds`` blocks of back-to-back calls.
 
     Blocks alternate between contenders so drift (other load on the machine) hits all of them
-    alike. Each block starts with an untimed call: it absorbs the previous contender's idle OpenMP
+    alike, in the reverse order every other round so that no contender always follows the same
+    one (the bank's target compares it with the search just before it in the list). Each block starts with an untimed call: it absorbs the previous contender's idle OpenMP
     threads, which keep spinning for milliseconds, and any clock ramp-up after a pause. No sleeps:
     an idle pause makes the next call slower on this VM (clock scaling), unlike a busy trainer.
     """
@@ -112,7 +113,7 @@ def measure(contenders: Sequence[Method], batches: Sequence[np.ndarray], budget_
         tick(f"warm {method.key}")
     seconds: dict[str, list[float]] = {m.key: [] for m in contenders}
     for r in range(rounds):
-        for method in contenders:
+        for method in (contenders if r % 2 == 0 else contenders[::-1]):
             method.run(batches[-1])
             block = math.ceil(reps[method.key] / rounds)
             for i in range(block):

@@ -20,7 +20,7 @@ from fgc_bank.search import search_inner_product, set_threads
 QUERY_BATCHES = 4
 SERVER_REPS = 3  # repetitions of each aggregate server measurement
 WIRE_MIN_REQUESTS = 100  # one client's requests needed to report the wire's share of a request
-SERVER_PAIRS = 8  # blocks of server knn runs per client count, each after a block of the raw search
+SERVER_PAIRS = 16  # blocks of server knn runs per client count, each paired with a block of the raw search
 
 
 @dataclass(frozen=True)
@@ -87,12 +87,13 @@ def run_server(workload: Workload, settings: Settings, step_s: float, tick: Call
                beside: Callable[[int], float]) -> dict[str, Any]:
     """The same bank behind ``fgc-bank serve``, loaded by 1, 2, 4... client processes.
 
-    Each measured server block follows a block of as many raw searches in this process
-    (``beside``). For each client count the targets compare the median of its server blocks with
-    the median of the search blocks between them (``beside_qps``), not with the in-process
-    figures of minutes earlier nor with other client counts' blocks: this VM's speed drifts by
-    several percent within a run. Each pair's own ratio is kept too (``x_beside``), to show how
-    far one block strays.
+    Each measured server block is paired with a block of as many raw searches in this process
+    (``beside``), taken before it in even pairs and after it in odd ones, so that neither side
+    always runs first (on a warm machine, or right after the other's work). For each client
+    count the targets compare the median of its server blocks with the median of the search
+    blocks between them (``beside_qps``), not with the in-process figures of minutes earlier nor
+    with other client counts' blocks: this VM's speed drifts by several percent within a run.
+    Each pair's own ratio is kept too (``x_beside``), to show how far one block strays.
     """
     out: dict[str, Any] = {"clients": {}}
     reference: list[float] = []
@@ -109,9 +110,12 @@ def run_server(workload: Workload, settings: Settings, step_s: float, tick: Call
                 tick(f"{workload.name}: warm {clients} client(s)")
                 runs, searches, ratios = [], [], []
                 before = remote.server_counters(admin.stats())
-                for _ in range(SERVER_PAIRS):
-                    searches.append(beside(block))
+                for pair in range(SERVER_PAIRS):
+                    if pair % 2 == 0:
+                        searches.append(beside(block))
                     runs.append(fleet.run("knn", block, clients))
+                    if pair % 2 == 1:
+                        searches.append(beside(block))
                     ratios.append(remote.aggregate_qps(runs[-1], workload.batch) / searches[-1])
                 after = remote.server_counters(admin.stats())
                 calls, requests = after[0] - before[0], after[1] - before[1]
