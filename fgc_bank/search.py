@@ -522,9 +522,14 @@ def _scan_filtered(rows: np.ndarray, queries: np.ndarray, scan: Scan, threshold:
     superset of the (row, query) pairs whose float32 score beats the query's threshold; those are
     scored again in float32 while the rows are still in cache, and kept if they beat it."""
     b, d = queries.shape
+    shift = b.bit_length() - 1 if b & (b - 1) == 0 else None  # B a power of two: shift and mask, 4x divmod
     found_q, found_v, found_r = [], [], []
     for j0, j1 in pieces:
-        row, query = np.divmod(scan(j0, j1 - j0), b)
+        flat = scan(j0, j1 - j0)
+        if shift is None:
+            row, query = np.divmod(flat, b)
+        else:
+            row, query = flat >> shift, flat & (b - 1)
         row += j0
         exact = np.empty(row.size, dtype=np.float32)
         faiss.pairwise_indexed_inner_product(d, row.size, faiss.swig_ptr(queries), faiss.swig_ptr(query),

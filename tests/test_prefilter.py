@@ -157,7 +157,9 @@ def test_prepare_refuses_what_it_cannot_bound(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("n, d, b, k", [(20000, 64, 256, 200), (30011, 32, 64, 100), (20000, 512, 16, 200)])
+# B = 100: a batch that is not a power of two takes the scan's divmod instead of its shift and mask
+@pytest.mark.parametrize("n, d, b, k", [(20000, 64, 256, 200), (30011, 32, 64, 100), (20000, 512, 16, 200),
+                                        (20011, 48, 100, 150)])
 def test_search_with_the_prefilter_matches_brute_force(monkeypatch: pytest.MonkeyPatch, kind: str,
                                                        n: int, d: int, b: int, k: int) -> None:
     calls = spy_on_filtered_scans(monkeypatch)
