@@ -102,9 +102,10 @@ def measure(contenders: Sequence[Method], batches: Sequence[np.ndarray], budget_
 
     Blocks alternate between contenders so drift (other load on the machine) hits all of them
     alike, in the reverse order every other round so that no contender always follows the same
-    one (the bank's target compares it with the search just before it in the list). Each block starts with an untimed call: it absorbs the previous contender's idle OpenMP
-    threads, which keep spinning for milliseconds, and any clock ramp-up after a pause. No sleeps:
-    an idle pause makes the next call slower on this VM (clock scaling), unlike a busy trainer.
+    one (the bank's target compares it with the search just before it in the list). Each block
+    starts with an untimed call: it absorbs the previous contender's idle OpenMP threads, which
+    keep spinning for milliseconds, and any clock ramp-up after a pause. No sleeps: an idle pause
+    makes the next call slower on this VM (clock scaling), unlike a busy trainer.
     """
     reps: dict[str, int] = {}
     for method in contenders:

@@ -124,7 +124,7 @@ def text_table(results: list[dict[str, Any]], peak: dict[str, Any]) -> str:
 
 
 def _paired(server: dict[str, Any]) -> str:
-    """"1 client(s) 0.915 (0.870-0.950, 8 pairs), ...": each server block over the search block
+    """"1 client(s) 0.915 (0.870-0.950, 16 pairs), ...": each server block over the search block
     paired with it. Their range shows how far one block's ratio strays; the checks use the
     ratio of the medians."""
     return ", ".join(f"{c} client(s) {x['median']:.3f} ({x['low']:.3f}-{x['high']:.3f}, {x['n']} pairs)"
