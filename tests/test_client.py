@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
+import zmq
 from conftest import TIME_FACTOR, assert_same_knn, brute_force_knn
 
 from fgc_bank.client import BankClient
-from fgc_bank.errors import BankUnavailable
+from fgc_bank.errors import BankError, BankTimeout, BankUnavailable, ErrorCode
+from fgc_bank.protocol import Reply, decode_request, encode_reply
 
 
 def test_a_blocking_call_never_overtakes_async_calls_issued_before_it(server: str, monkeypatch) -> None:
@@ -97,3 +100,75 @@ def test_close_ends_a_blocking_call_that_is_waiting(server: str) -> None:
         admin.drop("closing")  # queued behind the search, which still runs to its end
     with pytest.raises(BankUnavailable):
         bank.hello()
+
+
+def test_a_blocking_call_is_resent_when_slow_and_runs_once(server: str) -> None:
+    """A blocking knn whose search outlasts retry_interval is sent again by the calling thread (it
+    owns the socket); the server drops the copies, so the search runs once and the answer is right."""
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((200_000, 64)).astype(np.float32)
+    queries = rng.standard_normal((1024, 64)).astype(np.float32)
+    with BankClient(server, retry_interval=0.01, timeout=600 * TIME_FACTOR) as bank:
+        bank.create("resent", 200_000, 64)
+        for start in range(0, 200_000, 50_000):
+            bank.update("resent", np.arange(start, start + 50_000), rows[start:start + 50_000], mode="overwrite")
+        before = bank.resends
+        got = bank.knn("resent", queries, 10)
+        assert bank.resends > before
+        assert bank.info("resent")["queries"] == 1024  # searched once
+        want_scores, want_ids = brute_force_knn(rows, queries[:32], 10)
+        assert_same_knn(got.scores[:32], got.ids[:32], want_scores.astype(np.float32), want_ids)
+        bank.drop("resent")
+
+
+def _scripted_peer(answer: Callable[[int], list[list[bytes]]]) -> tuple[str, threading.Thread]:
+    """A ROUTER that answers one request with the messages ``answer(request_id)`` gives."""
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+
+    def serve() -> None:
+        with router:
+            peer, *frames = router.recv_multipart()
+            for message in answer(decode_request(frames).id):
+                router.send_multipart([peer, *message])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return f"tcp://127.0.0.1:{port}", thread
+
+
+def test_a_blocking_call_skips_malformed_and_late_replies() -> None:
+    """Garbage and a reply to another request arrive first: the blocking call drops both and
+    returns its own reply."""
+    gathered = np.arange(12, dtype=np.float32).reshape(3, 4)
+
+    def answer(rid: int) -> list[list[bytes]]:
+        late = encode_reply(Reply(rid + 1000, arrays={"rows": np.zeros((3, 4), np.float32)}))
+        own = encode_reply(Reply(rid, arrays={"rows": gathered}))
+        return [[b"\xc1garbage"], [bytes(f) for f in late], [bytes(f) for f in own]]
+
+    address, peer = _scripted_peer(answer)
+    with BankClient(address, timeout=30 * TIME_FACTOR) as bank:
+        assert np.array_equal(bank.gather("x", [0, 1, 2]), gathered)
+    peer.join(timeout=10)
+
+
+def test_a_blocking_call_fails_on_a_reply_that_lacks_its_arrays() -> None:
+    address, peer = _scripted_peer(lambda rid: [[bytes(f) for f in encode_reply(Reply(rid, result={"version": 1}))]])
+    with BankClient(address, timeout=30 * TIME_FACTOR) as bank, pytest.raises(BankError) as info:
+        bank.knn("x", np.ones((2, 4), np.float32), 1)
+    assert info.value.code is ErrorCode.BAD_MESSAGE and "malformed knn reply" in info.value.message
+    peer.join(timeout=10)
+
+
+def test_a_blocking_call_times_out_and_the_client_stays_usable(server: str) -> None:
+    """No reply within the timeout: BankTimeout, the call is no longer counted in flight, and the
+    next call on the same client works."""
+    address, peer = _scripted_peer(lambda rid: [])  # takes the request, never answers
+    with BankClient(address, timeout=0.3, retry_interval=600) as bank:
+        with pytest.raises(BankTimeout) as info:
+            bank.info("silent")
+        assert "no reply to info on bank 'silent'" in info.value.message
+        assert bank._in_flight == 0
+    peer.join(timeout=10)
