@@ -37,7 +37,7 @@ class Settings:
 
 def steps(settings: Settings) -> int:
     """Progress-bar steps per workload (see :func:`run_workload`)."""
-    return 1 + 2 * inprocess.count(prefilter.best_kind()) + 3 + 2 * len(settings.clients) + 3
+    return 1 + 2 * inprocess.count(prefilter.best_kind()) + 3 + len(settings.clients) + 3
 
 
 def run_workload(workload: Workload, peak: Peak, settings: Settings, tick: Callable[[str], None]) -> dict[str, Any]:
@@ -106,8 +106,6 @@ def run_server(workload: Workload, settings: Settings, step_s: float, tick: Call
             count = reps_for(step_s, settings.budget_s / SERVER_REPS, 2, 4 * settings.max_reps)
             block = reps_for(step_s, settings.budget_s / SERVER_PAIRS, 2, 4 * settings.max_reps)
             for clients in settings.clients:
-                fleet.run("knn", 1, clients)  # warm-up
-                tick(f"{workload.name}: warm {clients} client(s)")
                 runs, searches, ratios = [], [], []
                 before = remote.server_counters(admin.stats())
                 for pair in range(SERVER_PAIRS):
@@ -127,7 +125,7 @@ def run_server(workload: Workload, settings: Settings, step_s: float, tick: Call
                          "requests_per_search": requests / calls if calls else 0.0}
                 if clients == 1:
                     server_ms = admin.stats().get("latency", {}).get("knn", {}).get("p50_ms")
-                    # A difference of two medians, one of them over the warm-up too: with a few
+                    # A difference of two medians, one of them over the untimed requests too: with a few
                     # long requests (imagenet) it is noise, and can come out negative.
                     if server_ms is not None:
                         entry["server_knn_p50_ms"] = server_ms
@@ -141,7 +139,6 @@ def run_server(workload: Workload, settings: Settings, step_s: float, tick: Call
             out["pipelined"] = {"qps": Stats.of([remote.aggregate_qps(r, workload.batch) for r in runs]).to_json(),
                                 "window": remote.WINDOW}
             tick(f"{workload.name}: 1 client, {remote.WINDOW} in flight")
-            fleet.run("knn_update", 1, 1)
             out["knn_update_ms"] = asdict(Latency.of(remote.pooled(
                 [fleet.run("knn_update", count, 1) for _ in range(SERVER_REPS)])))
             tick(f"{workload.name}: server knn_update")

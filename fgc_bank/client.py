@@ -197,10 +197,7 @@ class BankClient(BankHandle):
             if now >= item.deadline:
                 raise self._timed_out(item)
             if now >= item.retry_at:
-                if item.sent:
-                    self._resend([item], "no reply yet")
-                else:
-                    self._send(item)
+                self._retry([item])
 
     def _landed(self, _: concurrent.futures.Future | None) -> None:
         with self._lock:
@@ -269,12 +266,16 @@ class BankClient(BankHandle):
             self._connection_event(pending)
         self._expire(pending)
         now = time.monotonic()
-        due = [p for p in pending.values() if p.retry_at <= now]
+        self._retry([p for p in pending.values() if p.retry_at <= now])
+        return events
+
+    def _retry(self, due: list[_Pending]) -> None:
+        """Send again the calls due for it: one sent and unanswered is resent (and counted), one
+        that never left is tried again, quietly."""
         self._resend([p for p in due if p.sent], "no reply yet")
         for item in due:
             if not item.sent:
-                self._send(item)  # it never left: try again, quietly
-        return events
+                self._send(item)
 
     def _send_outbox(self, pending: dict[int, _Pending]) -> None:
         """Send what callers queued (the I/O thread, owning the socket)."""
