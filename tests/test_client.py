@@ -177,3 +177,27 @@ def test_a_blocking_call_times_out_and_the_client_stays_usable() -> None:
         assert bank._in_flight == 0
         assert bank.info("silent") == {"rows": 7}
     peer.join(timeout=10)
+
+
+def test_an_async_call_sends_its_arrays_as_they_were_when_it_was_made() -> None:
+    """The server is not up yet, so the request waits in the client; meanwhile the caller writes
+    over its buffers (a training loop reusing them). The server still gets the rows as they were
+    at the call."""
+    probe = zmq.Context.instance().socket(zmq.ROUTER)
+    port = probe.bind_to_random_port("tcp://127.0.0.1")
+    probe.close(linger=0)
+    rows = np.arange(8, dtype=np.float32).reshape(2, 4)
+    ids = np.array([3, 5])
+    with BankClient(f"tcp://127.0.0.1:{port}", timeout=30 * TIME_FACTOR) as bank:
+        future = bank.update_async("x", ids, rows)
+        rows[:] = -1.0
+        ids[:] = 0
+        with zmq.Context.instance().socket(zmq.ROUTER) as router:
+            router.setsockopt(zmq.LINGER, 0)
+            router.bind(f"tcp://127.0.0.1:{port}")
+            peer, *frames = router.recv_multipart()
+            request = decode_request(frames)
+            assert np.array_equal(request.arrays["rows"], np.arange(8, dtype=np.float32).reshape(2, 4))
+            assert np.array_equal(request.arrays["ids"], [3, 5])
+            router.send_multipart([peer, *encode_reply(Reply(request.id, result={"version": 1}))])
+            assert future.result(timeout=30 * TIME_FACTOR) == 1
