@@ -87,11 +87,17 @@ def checks(results: list[dict[str, Any]]) -> list[Check]:
 
 
 def _x_search(result: dict[str, Any], clients: str, search: float) -> float:
-    """The server with ``clients`` clients over the in-process search: over the search blocks
-    timed between its own blocks where the run has them, else over ``search``."""
+    """The server with ``clients`` clients over the in-process search: the median of its blocks'
+    own ratios to the search block timed beside each (``x_beside``), where the run has them.
+
+    A pair's two blocks share the machine's state of those seconds, and that state drifts by
+    several percent within a run: the pairs' ratios cancel the drift, which the ratio of the two
+    sets' medians only averages out. Without pairs: over ``search``, minutes earlier.
+    """
     entry = result["server"]["clients"][clients]
-    beside = entry.get("beside_qps", {}).get("median") or search
-    return entry["qps"]["median"] / beside
+    if "x_beside" in entry:
+        return entry["x_beside"]["median"]
+    return entry["qps"]["median"] / search
 
 
 def text_table(results: list[dict[str, Any]], peak: dict[str, Any]) -> str:
@@ -125,8 +131,7 @@ def text_table(results: list[dict[str, Any]], peak: dict[str, Any]) -> str:
 
 def _paired(server: dict[str, Any]) -> str:
     """"1 client(s) 0.915 (0.870-0.950, 16 pairs), ...": each server block over the search block
-    paired with it. Their range shows how far one block's ratio strays; the checks use the
-    ratio of the medians."""
+    paired with it; the checks use the median, the range shows how far one block strays."""
     return ", ".join(f"{c} client(s) {x['median']:.3f} ({x['low']:.3f}-{x['high']:.3f}, {x['n']} pairs)"
                      for c, e in server["clients"].items() if (x := e.get("x_beside")))
 

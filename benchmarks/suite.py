@@ -89,11 +89,11 @@ def run_server(workload: Workload, settings: Settings, step_s: float, tick: Call
 
     Each measured server block is paired with a block of as many raw searches in this process
     (``beside``), taken before it in even pairs and after it in odd ones, so that neither side
-    always runs first (on a warm machine, or right after the other's work). For each client
-    count the targets compare the median of its server blocks with the median of the search
-    blocks between them (``beside_qps``), not with the in-process figures of minutes earlier nor
-    with other client counts' blocks: this VM's speed drifts by several percent within a run.
-    Each pair's own ratio is kept too (``x_beside``), to show how far one block strays.
+    always runs first (on a warm machine, or right after the other's work). Each pair's own
+    ratio is kept (``x_beside``), and the targets take its median for each client count: not the
+    in-process figures of minutes earlier, nor other client counts' blocks, nor the ratio of the
+    two sets' medians, since this VM's speed drifts by several percent within a run and a pair's
+    two blocks share the state of the same seconds.
     """
     out: dict[str, Any] = {"clients": {}}
     reference: list[float] = []

@@ -49,7 +49,7 @@ def test_quick_bench_writes_json_chart_and_page(tmp_path: Path) -> None:
             assert 0 < stats["low"] <= stats["median"] <= stats["high"] and stats["n"] == SERVER_PAIRS
     one_client = res["server"]["clients"]["1"]
     one = next(c for c in run["checks"] if c["what"] == "server, 1 client / search in process")
-    assert one["value"] == pytest.approx(one_client["qps"]["median"] / one_client["beside_qps"]["median"])
+    assert one["value"] == pytest.approx(one_client["x_beside"]["median"])
     assert "paired blocks" in result.output
     assert one_client["server_knn_p50_ms"] > 0
     assert ("wire_p50_ms" in one_client) == (one_client["knn_ms"]["n"] >= WIRE_MIN_REQUESTS)
@@ -103,17 +103,14 @@ def test_checks_compare_the_right_contenders() -> None:
     assert found["server, 1 client / search in process"] == (pytest.approx(1.0), "met")
     assert found["server, 4 clients (aggregate) / search in process"] == (pytest.approx(820 / 760), "met")
     assert found["in-process bank / search in process"] == (pytest.approx(0.9875), "met")
-    # The paired blocks' ratios are reported beside the checks, not used by them.
+    # The paired blocks' ratios, where the run has them, are what the checks use.
     result["server"]["clients"]["1"]["x_beside"] = {"median": 0.88, "low": 0.8, "high": 0.95, "n": 8}
     assert report._paired(result["server"]) == "1 client(s) 0.880 (0.800-0.950, 8 pairs)"
-    assert found == {c.what: (c.value, c.verdict) for c in report.checks([result])}
+    found = {c.what: (c.value, c.verdict) for c in report.checks([result])}
+    assert found["server, 1 client / search in process"] == (pytest.approx(0.88), "MISSED")
+    assert found["server, 4 clients (aggregate) / search in process"] == (pytest.approx(820 / 760), "met")
     assert "server, 1 client: server p50 / client p50" not in found  # no wire figure in this run
     result["server"]["clients"]["1"].update(knn_ms={"p50_ms": 12.5, "p99_ms": 20.0, "n": 500},
                                             server_knn_p50_ms=11.4, wire_p50_ms=1.1)
     found = {c.what: (c.value, c.verdict) for c in report.checks([result])}
     assert found["server, 1 client: server p50 / client p50"] == (pytest.approx(11.4 / 12.5), "met")
-    # The search blocks timed between one client count's own blocks take precedence.
-    result["server"]["clients"]["1"]["beside_qps"] = stats(840)
-    found = {c.what: (c.value, c.verdict) for c in report.checks([result])}
-    assert found["server, 1 client / search in process"] == (pytest.approx(760 / 840), "met")
-    assert found["server, 4 clients (aggregate) / search in process"] == (pytest.approx(820 / 760), "met")
