@@ -2,10 +2,10 @@
 
 Async calls (``knn_update_async`` mid-forward, collected later) go through an I/O thread, which
 sends them, matches replies to futures by request id, and fails calls that outlive their timeout
-with :class:`BankTimeout`. An async call keeps its own copy of its arrays (the caller may reuse
-its buffers at once); a blocking call's buffers are sent as they are, never copied. A blocking call made while nothing
-else is using the socket skips the I/O thread: the calling thread sends and waits on the socket
-itself, with the same resends and timeouts, two thread hand-offs (~0.3 ms a call) fewer.
+with :class:`BankTimeout`. A blocking call made while nothing else is using the socket skips the
+I/O thread: the calling thread sends and waits on the socket itself, with the same resends and
+timeouts, two thread hand-offs (~0.3 ms a call) fewer. Every call sends a copy of the caller's
+arrays taken when it is made, so the caller may reuse its buffers at once (see ``_owning``).
 
 Ownership of the socket: ZeroMQ sockets are not thread-safe, so whoever uses it holds
 ``_io_lock`` (a lock is the full memory barrier ZeroMQ asks for when a socket changes threads).
@@ -124,14 +124,11 @@ class BankClient(BankHandle):
         self._thread.start()
 
     def _submit(self, request: Request, decode: Callable[[Reply], T]) -> concurrent.futures.Future[T]:
-        """An async call: queued with its own copy of its arrays. The I/O thread sends it later,
-        and again on a resend, by when the caller may have written over its buffers (a training
-        step's features); ZeroMQ would send whatever they hold then."""
-        request.arrays = {name: np.array(array) for name, array in request.arrays.items()}
-        return self._queue(request, decode)
+        """An async call, queued for the I/O thread."""
+        return self._queue(_owning(request), decode)
 
     def _queue(self, request: Request, decode: Callable[[Reply], T]) -> concurrent.futures.Future[T]:
-        """Queue ``request`` for the I/O thread as it is (its arrays are sent without a copy)."""
+        """Queue a call whose arrays are already its own."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._lock:
             try:
@@ -146,8 +143,9 @@ class BankClient(BankHandle):
     def _call(self, request: Request, decode: Callable[[Reply], T]) -> T:
         """A blocking call: on this thread when the socket is free and nothing waits to be sent
         (nothing issued earlier can then be overtaken), else through the I/O thread."""
+        request = _owning(request)
         if not self._io_lock.acquire(blocking=False):
-            return self._queue(request, decode).result()  # the caller waits: its arrays stay put
+            return self._queue(request, decode).result()
         try:
             with self._lock:
                 direct = not self._outbox
@@ -367,6 +365,15 @@ class BankClient(BankHandle):
         self._socket.disable_monitor()
         for sock in (self._monitor, self._socket, self._wake_rx, self._wake_tx):
             sock.close(linger=0)
+
+
+def _owning(request: Request) -> Request:
+    """``request`` with its own copy of the caller's arrays. ZeroMQ reads a zero-copy frame when
+    its I/O thread writes it out: for an async call, a resend, or a call that timed out while
+    the server was away (its message still queued), that is after the caller may have written
+    over its buffers (a training step's features), and the server would get those rows."""
+    request.arrays = {name: np.array(array) for name, array in request.arrays.items()}
+    return request
 
 
 def _decoded(item: _Pending, reply: Reply) -> Any:

@@ -15,7 +15,7 @@ from conftest import TIME_FACTOR, assert_same_knn, brute_force_knn
 
 from fgc_bank.client import BankClient
 from fgc_bank.errors import BankError, BankTimeout, BankUnavailable, ErrorCode
-from fgc_bank.protocol import Reply, decode_request, encode_reply
+from fgc_bank.protocol import Reply, Request, decode_request, encode_reply
 
 
 def test_a_blocking_call_never_overtakes_async_calls_issued_before_it(server: str, monkeypatch) -> None:
@@ -179,25 +179,55 @@ def test_a_blocking_call_times_out_and_the_client_stays_usable() -> None:
     peer.join(timeout=10)
 
 
+def _unused_port() -> int:
+    probe = zmq.Context.instance().socket(zmq.ROUTER)
+    port = probe.bind_to_random_port("tcp://127.0.0.1")
+    probe.close(linger=0)
+    return port
+
+
+def _rows_sent_without_a_copy() -> np.ndarray:
+    """Two rows of 64 KiB each: pyzmq copies frames under 64 KiB even when asked not to."""
+    return np.arange(2 * 16384, dtype=np.float32).reshape(2, 16384)
+
+
+def _receive_one(port: int, version: int) -> Request:
+    """Bind a ROUTER on ``port``, take one request and acknowledge it with ``version``."""
+    with zmq.Context.instance().socket(zmq.ROUTER) as router:
+        router.setsockopt(zmq.LINGER, 0)
+        router.bind(f"tcp://127.0.0.1:{port}")
+        peer, *frames = router.recv_multipart()
+        request = decode_request(frames)
+        router.send_multipart([peer, *encode_reply(Reply(request.id, result={"version": version}))])
+    return request
+
+
 def test_an_async_call_sends_its_arrays_as_they_were_when_it_was_made() -> None:
     """The server is not up yet, so the request waits in the client; meanwhile the caller writes
     over its buffers (a training loop reusing them). The server still gets the rows as they were
     at the call."""
-    probe = zmq.Context.instance().socket(zmq.ROUTER)
-    port = probe.bind_to_random_port("tcp://127.0.0.1")
-    probe.close(linger=0)
-    rows = np.arange(8, dtype=np.float32).reshape(2, 4)
+    port = _unused_port()
+    rows = _rows_sent_without_a_copy()
     ids = np.array([3, 5])
     with BankClient(f"tcp://127.0.0.1:{port}", timeout=30 * TIME_FACTOR) as bank:
         future = bank.update_async("x", ids, rows)
         rows[:] = -1.0
         ids[:] = 0
-        with zmq.Context.instance().socket(zmq.ROUTER) as router:
-            router.setsockopt(zmq.LINGER, 0)
-            router.bind(f"tcp://127.0.0.1:{port}")
-            peer, *frames = router.recv_multipart()
-            request = decode_request(frames)
-            assert np.array_equal(request.arrays["rows"], np.arange(8, dtype=np.float32).reshape(2, 4))
-            assert np.array_equal(request.arrays["ids"], [3, 5])
-            router.send_multipart([peer, *encode_reply(Reply(request.id, result={"version": 1}))])
-            assert future.result(timeout=30 * TIME_FACTOR) == 1
+        request = _receive_one(port, version=1)
+        assert np.array_equal(request.arrays["rows"], _rows_sent_without_a_copy())
+        assert np.array_equal(request.arrays["ids"], [3, 5])
+        assert future.result(timeout=30 * TIME_FACTOR) == 1
+
+
+def test_a_blocking_call_that_timed_out_cannot_send_rows_written_after_it() -> None:
+    """A blocking update times out while the server is away; its request is still queued in
+    ZeroMQ and leaves when the server comes up. By then the caller has reused its buffer: the
+    server must get the rows of the call, not the new ones."""
+    port = _unused_port()
+    rows = _rows_sent_without_a_copy()
+    with BankClient(f"tcp://127.0.0.1:{port}", timeout=0.3, retry_interval=600) as bank:
+        with pytest.raises(BankTimeout):
+            bank.update("x", [3, 5], rows)
+        rows[:] = -1.0
+        request = _receive_one(port, version=1)
+        assert np.array_equal(request.arrays["rows"], _rows_sent_without_a_copy())
