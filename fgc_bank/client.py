@@ -5,7 +5,7 @@ sends them, matches replies to futures by request id, and fails calls that outli
 with :class:`BankTimeout`. A blocking call made while nothing else is using the socket skips the
 I/O thread: the calling thread sends and waits on the socket itself, with the same resends and
 timeouts, two thread hand-offs (~0.3 ms a call) fewer. Every call sends a copy of the caller's
-arrays taken when it is made, so the caller may reuse its buffers at once (see ``_owning``).
+arrays taken when it is made, so the caller may reuse its buffers at once (see ``_own_copy``).
 
 Ownership of the socket: ZeroMQ sockets are not thread-safe, so whoever uses it holds
 ``_io_lock`` (a lock is the full memory barrier ZeroMQ asks for when a socket changes threads).
@@ -125,7 +125,7 @@ class BankClient(BankHandle):
 
     def _submit(self, request: Request, decode: Callable[[Reply], T]) -> concurrent.futures.Future[T]:
         """An async call, queued for the I/O thread."""
-        return self._queue(_owning(request), decode)
+        return self._queue(_own_copy(request), decode)
 
     def _queue(self, request: Request, decode: Callable[[Reply], T]) -> concurrent.futures.Future[T]:
         """Queue a call whose arrays are already its own."""
@@ -143,7 +143,7 @@ class BankClient(BankHandle):
     def _call(self, request: Request, decode: Callable[[Reply], T]) -> T:
         """A blocking call: on this thread when the socket is free and nothing waits to be sent
         (nothing issued earlier can then be overtaken), else through the I/O thread."""
-        request = _owning(request)
+        request = _own_copy(request)
         if not self._io_lock.acquire(blocking=False):
             return self._queue(request, decode).result()
         try:
@@ -367,7 +367,7 @@ class BankClient(BankHandle):
             sock.close(linger=0)
 
 
-def _owning(request: Request) -> Request:
+def _own_copy(request: Request) -> Request:
     """``request`` with its own copy of the caller's arrays. ZeroMQ reads a zero-copy frame when
     its I/O thread writes it out: for an async call, a resend, or a call that timed out while
     the server was away (its message still queued), that is after the caller may have written

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zmq
 
 # Scale every wait by this factor on slow machines instead of asserting wall times.
 TIME_FACTOR = float(os.environ.get("FGC_BANK_TIME_FACTOR", "1"))
@@ -42,6 +43,12 @@ def momentum_oracle(rows: np.ndarray, ids: np.ndarray, values: np.ndarray, m: fl
     mixed = m * out[ids] + (1 - m) * values.astype(np.float64)
     out[ids] = mixed / np.linalg.norm(mixed, axis=1, keepdims=True)
     return out
+
+
+def unused_port() -> int:
+    """A loopback TCP port nothing listens on (bound once, then released)."""
+    with zmq.Context.instance().socket(zmq.ROUTER) as placeholder:
+        return placeholder.bind_to_random_port("tcp://127.0.0.1")
 
 
 def start_server(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, str]:

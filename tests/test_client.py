@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import zmq
-from conftest import TIME_FACTOR, assert_same_knn, brute_force_knn
+from conftest import TIME_FACTOR, assert_same_knn, brute_force_knn, unused_port
 
 from fgc_bank.client import BankClient
 from fgc_bank.errors import BankError, BankTimeout, BankUnavailable, ErrorCode
@@ -179,13 +179,6 @@ def test_a_blocking_call_times_out_and_the_client_stays_usable() -> None:
     peer.join(timeout=10)
 
 
-def _unused_port() -> int:
-    probe = zmq.Context.instance().socket(zmq.ROUTER)
-    port = probe.bind_to_random_port("tcp://127.0.0.1")
-    probe.close(linger=0)
-    return port
-
-
 def _rows_sent_without_a_copy() -> np.ndarray:
     """Two rows of 64 KiB each: pyzmq copies frames under 64 KiB even when asked not to."""
     return np.arange(2 * 16384, dtype=np.float32).reshape(2, 16384)
@@ -206,7 +199,7 @@ def test_an_async_call_sends_its_arrays_as_they_were_when_it_was_made() -> None:
     """The server is not up yet, so the request waits in the client; meanwhile the caller writes
     over its buffers (a training loop reusing them). The server still gets the rows as they were
     at the call."""
-    port = _unused_port()
+    port = unused_port()
     rows = _rows_sent_without_a_copy()
     ids = np.array([3, 5])
     with BankClient(f"tcp://127.0.0.1:{port}", timeout=30 * TIME_FACTOR) as bank:
@@ -223,7 +216,7 @@ def test_a_blocking_call_that_timed_out_cannot_send_rows_written_after_it() -> N
     """A blocking update times out while the server is away; its request is still queued in
     ZeroMQ and leaves when the server comes up. By then the caller has reused its buffer: the
     server must get the rows of the call, not the new ones."""
-    port = _unused_port()
+    port = unused_port()
     rows = _rows_sent_without_a_copy()
     with BankClient(f"tcp://127.0.0.1:{port}", timeout=0.3, retry_interval=600) as bank:
         with pytest.raises(BankTimeout):

@@ -9,7 +9,14 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from conftest import TIME_FACTOR, assert_same_knn, brute_force_knn, start_server, stop_server
+from conftest import (
+    TIME_FACTOR,
+    assert_same_knn,
+    brute_force_knn,
+    start_server,
+    stop_server,
+    unused_port,
+)
 
 from fgc_bank import connect
 from fgc_bank.errors import BankError, BankTimeout, ErrorCode
@@ -177,8 +184,7 @@ def test_client_errors_are_typed(server: str) -> None:
 
 
 def test_unreachable_server_times_out_with_a_clear_error() -> None:
-    with zmq.Context.instance().socket(zmq.ROUTER) as placeholder:
-        port = placeholder.bind_to_random_port("tcp://127.0.0.1")
+    port = unused_port()
     started = time.monotonic()
     with connect(f"tcp://127.0.0.1:{port}", timeout=0.5) as bank, pytest.raises(BankTimeout) as info:
         bank.hello()
