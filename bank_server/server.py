@@ -33,6 +33,7 @@ from bank_server.dedup import MUTATING_OPS, RecentRequests, Seen
 from bank_server.dispatch import Dispatcher, Job
 from bank_server.metrics import ServerMetrics
 from fgc_bank.errors import BankError, ErrorCode
+from fgc_bank.frames import NOBLOCK, readable, recv_frames, send_frames
 from fgc_bank.protocol import (
     MAX_FRAME_BYTES,
     MAX_HEADER_BYTES,
@@ -175,8 +176,8 @@ class BankServer:
         False if there were none."""
         with self._router_lock:
             batch = []
-            while len(batch) < 256 and self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                batch.append(self._router.recv_multipart(zmq.NOBLOCK, copy=False))
+            while len(batch) < 256 and readable(self._router):
+                batch.append(recv_frames(self._router, NOBLOCK))
         for frames in batch:
             self._handle(frames[0], frames[1:])
         return bool(batch)
@@ -300,11 +301,11 @@ class BankServer:
         with self._router_lock:
             for frames in messages:
                 try:
-                    self._router.send_multipart(frames, copy=False)
+                    send_frames(self._router, frames)
                 except zmq.ZMQError as exc:  # EHOSTUNREACH: the client is gone
                     self.metrics.dropped_replies += 1
                     logger.warning("reply dropped: %s", exc)
-            waiting = self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN
+            waiting = readable(self._router)
         if waiting:  # the send may have taken in the only sign of it the loop would see
             try:
                 os.write(self._wake_w, b"x")

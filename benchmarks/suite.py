@@ -20,7 +20,8 @@ from fgc_bank.search import search_inner_product, set_threads
 QUERY_BATCHES = 4
 SERVER_REPS = 3  # repetitions of each aggregate server measurement
 WIRE_MIN_REQUESTS = 100  # one client's requests needed to report the wire's share of a request
-SERVER_PAIRS = 16  # blocks of server knn runs per client count, each paired with a block of the raw search
+PAIR_BLOCK_S = 0.1  # a server block's aim: short, so that the search block beside it shares its seconds
+MIN_PAIRS, MAX_PAIRS = 16, 64  # server blocks per client count, each paired with a block of the raw search
 
 
 @dataclass(frozen=True)
@@ -83,13 +84,27 @@ def run_workload(workload: Workload, peak: Peak, settings: Settings, tick: Calla
     return result
 
 
+def pairing(step_s: float, budget_s: float) -> tuple[int, int]:
+    """(requests per block, pairs of blocks) for one client count's server measurement.
+
+    Blocks of about ``PAIR_BLOCK_S`` and as many pairs as ``budget_s`` holds (at least
+    ``MIN_PAIRS``). This VM's speed drifts within seconds, so a pair's ratio is closer to the truth
+    the closer in time its two blocks are, and the median of more pairs scatters less: four runs
+    of each, cifar, one client, in one process, gave medians 0.889-0.918 with 16 pairs of 37
+    requests and 0.897-0.904 with 60 pairs of 10, the same centre (0.901 and 0.900).
+    """
+    block = reps_for(step_s, PAIR_BLOCK_S, 2, 1000)
+    pairs = int(np.clip(budget_s / (block * step_s), MIN_PAIRS, MAX_PAIRS))
+    return block, pairs
+
+
 def run_server(workload: Workload, settings: Settings, step_s: float, tick: Callable[[str], None],
                beside: Callable[[int], float]) -> dict[str, Any]:
     """The same bank behind ``fgc-bank serve``, loaded by 1, 2, 4... client processes.
 
     Each measured server block is paired with a block of as many raw searches in this process
-    (``beside``), taken before it in even pairs and after it in odd ones, so that neither side
-    always runs first (on a warm machine, or right after the other's work). Each pair's own
+    (``beside``; sizes from :func:`pairing`), taken before it in even pairs and after it in odd
+    ones, so that neither side always runs first (on a warm machine, or right after the other's work). Each pair's own
     ratio is kept (``x_beside``), and the targets take its median for each client count: not the
     in-process figures of minutes earlier, nor other client counts' blocks, nor the ratio of the
     two sets' medians, since this VM's speed drifts by several percent within a run and a pair's
@@ -104,11 +119,11 @@ def run_server(workload: Workload, settings: Settings, step_s: float, tick: Call
         with remote.Fleet(server.address, workload, cfg.name, max(settings.clients), settings.seed) as fleet:
             tick(f"{workload.name}: clients up")
             count = reps_for(step_s, settings.budget_s / SERVER_REPS, 2, 4 * settings.max_reps)
-            block = reps_for(step_s, settings.budget_s / SERVER_PAIRS, 2, 4 * settings.max_reps)
+            block, pairs = pairing(step_s, settings.budget_s)
             for clients in settings.clients:
                 runs, searches, ratios = [], [], []
                 before = remote.server_counters(admin.stats())
-                for pair in range(SERVER_PAIRS):
+                for pair in range(pairs):
                     if pair % 2 == 0:
                         searches.append(beside(block))
                     runs.append(fleet.run("knn", block, clients))
@@ -122,7 +137,8 @@ def run_server(workload: Workload, settings: Settings, step_s: float, tick: Call
                          "beside_qps": Stats.of(searches).to_json(),
                          "x_beside": Stats.of(ratios).to_json(),
                          "knn_ms": asdict(Latency.of(remote.pooled(runs))),
-                         "requests_per_search": requests / calls if calls else 0.0}
+                         "requests_per_search": requests / calls if calls else 0.0,
+                         "pairs": pairs, "block_requests": block}
                 if clients == 1:
                     server_ms = admin.stats().get("latency", {}).get("knn", {}).get("p50_ms")
                     # A difference of two medians, one of them over the untimed requests too: with a few

@@ -5,7 +5,7 @@ sends them, matches replies to futures by request id, and fails calls that outli
 with :class:`BankTimeout`. A blocking call made while nothing else is using the socket skips the
 I/O thread: the calling thread sends and waits on the socket itself, with the same resends and
 timeouts, two thread hand-offs (~0.3 ms a call) fewer. Every call sends a copy of the caller's
-arrays taken when it is made, so the caller may reuse its buffers at once (see ``_own_copy``).
+arrays taken when it is made, so the caller may reuse its buffers at once (see ``_encoded``).
 
 Ownership of the socket: ZeroMQ sockets are not thread-safe, so whoever uses it holds
 ``_io_lock`` (a lock is the full memory barrier ZeroMQ asks for when a socket changes threads).
@@ -36,13 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 import zmq
 import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
 from fgc_bank.api import DEFAULT_TIMEOUT_S, BankHandle
 from fgc_bank.errors import BankError, BankTimeout, BankUnavailable, ErrorCode
+from fgc_bank.frames import NOBLOCK, recv_frames, send_frames
 from fgc_bank.protocol import Reply, Request, decode_reply, encode_request
 
 logger = logging.getLogger(__name__)
@@ -125,10 +125,10 @@ class BankClient(BankHandle):
 
     def _submit(self, request: Request, decode: Callable[[Reply], T]) -> concurrent.futures.Future[T]:
         """An async call, queued for the I/O thread."""
-        return self._queue(_own_copy(request), decode)
+        return self._queue(request, decode)
 
     def _queue(self, request: Request, decode: Callable[[Reply], T]) -> concurrent.futures.Future[T]:
-        """Queue a call whose arrays are already its own."""
+        """Queue a call for the I/O thread."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._lock:
             try:
@@ -143,7 +143,6 @@ class BankClient(BankHandle):
     def _call(self, request: Request, decode: Callable[[Reply], T]) -> T:
         """A blocking call: on this thread when the socket is free and nothing waits to be sent
         (nothing issued earlier can then be overtaken), else through the I/O thread."""
-        request = _own_copy(request)
         if not self._io_lock.acquire(blocking=False):
             return self._queue(request, decode).result()
         try:
@@ -169,7 +168,7 @@ class BankClient(BankHandle):
                             "are waiting for replies; collect some before issuing more")
         request.id = next(self._ids)
         request.client = self.client_id
-        frames = encode_request(request)
+        frames = _encoded(request)
         self._in_flight += 1
         return frames
 
@@ -310,7 +309,7 @@ class BankClient(BankHandle):
         """The next well-formed reply waiting in the socket, or None when there is none."""
         while True:
             try:
-                frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(self._socket, NOBLOCK)
             except zmq.Again:
                 return None
             try:
@@ -355,7 +354,7 @@ class BankClient(BankHandle):
         down, or a handshake refused) would block a plain send forever. An unsent request stays
         pending and is tried again shortly; its deadline still ends it."""
         try:
-            self._socket.send_multipart(item.frames, zmq.NOBLOCK, copy=False)
+            send_frames(self._socket, item.frames, NOBLOCK)
             item.sent = True
             item.retry_at = time.monotonic() + self.retry_interval
         except zmq.Again:
@@ -367,13 +366,15 @@ class BankClient(BankHandle):
             sock.close(linger=0)
 
 
-def _own_copy(request: Request) -> Request:
-    """``request`` with its own copy of the caller's arrays. ZeroMQ reads a zero-copy frame when
-    its I/O thread writes it out: for an async call, a resend, or a call that timed out while
-    the server was away (its message still queued), that is after the caller may have written
-    over its buffers (a training step's features), and the server would get those rows."""
-    request.arrays = {name: np.array(array) for name, array in request.arrays.items()}
-    return request
+def _encoded(request: Request) -> list[Any]:
+    """``request``'s frames, its arrays copied into ZeroMQ's own messages. ZeroMQ reads a
+    zero-copy frame when its I/O thread writes it out: for an async call, a resend, or a call
+    that timed out while the server was away (its message still queued), that is after the
+    caller may have written over its buffers (a training step's features), and the server would
+    get those rows. A copy made here, once, is also cheaper than a zero-copy frame, which pyzmq
+    registers with its garbage-collector thread and that thread must later wake to release."""
+    header, *buffers = encode_request(request)
+    return [header, *(zmq.Frame(buffer, copy=True) for buffer in buffers)]
 
 
 def _decoded(item: _Pending, reply: Reply) -> Any:

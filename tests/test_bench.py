@@ -13,12 +13,22 @@ from click.testing import CliRunner
 
 from benchmarks import inprocess, report
 from benchmarks.cli import bench
-from benchmarks.suite import SERVER_PAIRS, WIRE_MIN_REQUESTS
+from benchmarks.suite import MAX_PAIRS, MIN_PAIRS, WIRE_MIN_REQUESTS, pairing
 from benchmarks.timing import Latency, Stats
 from benchmarks.workloads import WORKLOADS, make_queries, make_update_ids
 from fgc_bank import prefilter
 
 pytestmark = pytest.mark.slow
+
+
+def test_pairing_fills_the_budget_with_short_blocks() -> None:
+    # cifar on this machine: ~10 ms a request, 6 s a client count
+    assert pairing(0.010, 6.0) == (10, 60)
+    # imagenet-512: a few seconds a request, so the fewest requests and pairs allowed
+    assert pairing(2.5, 6.0) == (2, MIN_PAIRS)
+    # a fast request and a long budget: capped
+    block, pairs = pairing(0.001, 600.0)
+    assert (block, pairs) == (100, MAX_PAIRS)
 
 
 def test_quick_bench_writes_json_chart_and_page(tmp_path: Path) -> None:
@@ -42,11 +52,13 @@ def test_quick_bench_writes_json_chart_and_page(tmp_path: Path) -> None:
         assert 0 < stats["low"] <= stats["median"] <= stats["high"] and stats["n"] >= 1
     assert set(res["server"]["clients"]) == {"1", "2"}
     beside = res["server"]["search_beside"]["qps"]
-    assert 0 < beside["low"] <= beside["median"] <= beside["high"] and beside["n"] == 2 * SERVER_PAIRS  # per client count
-    for entry in res["server"]["clients"].values():
+    clients = res["server"]["clients"].values()
+    assert 0 < beside["low"] <= beside["median"] <= beside["high"] and beside["n"] == sum(e["pairs"] for e in clients)
+    for entry in clients:
+        assert MIN_PAIRS <= entry["pairs"] <= MAX_PAIRS and entry["block_requests"] >= 2
         for key in ("beside_qps", "x_beside"):
             stats = entry[key]
-            assert 0 < stats["low"] <= stats["median"] <= stats["high"] and stats["n"] == SERVER_PAIRS
+            assert 0 < stats["low"] <= stats["median"] <= stats["high"] and stats["n"] == entry["pairs"]
     one_client = res["server"]["clients"]["1"]
     one = next(c for c in run["checks"] if c["what"] == "server, 1 client / search in process")
     assert one["value"] == pytest.approx(one_client["x_beside"]["median"])
