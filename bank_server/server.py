@@ -190,11 +190,10 @@ class BankServer:
             pass
 
     def _handle(self, peer: Any, frames: list[Any]) -> None:
-        buffers = [f.buffer for f in frames]
         try:
-            request = decode_request(buffers, self.config.max_frame_bytes)
+            request = decode_request(frames, self.config.max_frame_bytes)
         except BankError as exc:
-            self._send(peer, Reply(peek_request_id(buffers), error=exc), "invalid")
+            self._send(peer, Reply(peek_request_id(frames), error=exc), "invalid")
             return
         if request.op in INLINE_OPS:
             self._send(peer, self.service.handle(request), request.op)

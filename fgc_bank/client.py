@@ -313,7 +313,7 @@ class BankClient(BankHandle):
             except zmq.Again:
                 return None
             try:
-                return decode_reply([f.buffer for f in frames])
+                return decode_reply(frames)
             except BankError as exc:
                 logger.warning("dropping a malformed reply from %s: %s", self.address, exc)
 

@@ -8,7 +8,7 @@ raw buffers of the arrays the header lists, C-contiguous and little-endian, in t
     reply header:   {"v": 1, "id": 7, "ok": true, "result": {...}, "arrays": [...]}
                     {"v": 1, "id": 7, "ok": false, "error": {"code": "bad_k", "message": "..."}}
 
-Arrays are decoded with ``np.frombuffer`` straight from the received frames (read-only, no copy)
+Arrays are decoded with ``np.frombuffer`` straight from the received frames (no copy)
 and encoded as buffers of the caller's arrays (no copy when they are already contiguous
 little-endian). ``docs/protocol.md`` describes each operation; a test checks it against ``OPS``.
 """

@@ -138,7 +138,7 @@ def search_inner_product(rows: np.ndarray, queries: np.ndarray, k: int,
     if not 1 <= k <= rows.shape[0]:
         raise ValueError(f"k must be in [1, {rows.shape[0]}], got {k}")
     # A private, writable float32 copy of the (small) queries: torch.from_numpy needs writable
-    # memory, and np.frombuffer views of received frames are read-only.
+    # memory, and a view of received bytes (np.frombuffer) is read-only.
     queries = np.array(queries, dtype=np.float32, order="C", copy=True)
     n, b = rows.shape[0], queries.shape[0]
     if b < MIN_BATCH or n < 2 * MIN_ROWS_PER_THREAD or 16 * k > n or not _torch_can_share(rows):
