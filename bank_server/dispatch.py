@@ -48,9 +48,9 @@ class Dispatcher:
         self.service = service
         self.coalesce_wait_s = coalesce_wait_s
         self.max_queue = max_queue
-        # SimpleQueue: put and get are C, where queue.Queue runs a Condition's Python on each
-        # hand-off (~15 us a request with the caches a search has emptied). It has no bound of its
-        # own: submit keeps each queue to max_queue jobs.
+        # SimpleQueue: put and get are C, where queue.Queue runs a Condition's Python on both sides
+        # of each hand-off, cold after every search. It has no bound of its own: submit keeps each
+        # queue to max_queue jobs.
         self._queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(max(1, workers))]
         self._threads = [threading.Thread(target=self._work, args=(q, respond), daemon=True,
                                           name=f"fgc-bank-worker-{i}") for i, q in enumerate(self._queues)]
