@@ -104,11 +104,11 @@ def run_server(workload: Workload, settings: Settings, step_s: float, tick: Call
 
     Each measured server block is paired with a block of as many raw searches in this process
     (``beside``; sizes from :func:`pairing`), taken before it in even pairs and after it in odd
-    ones, so that neither side always runs first (on a warm machine, or right after the other's work). Each pair's own
-    ratio is kept (``x_beside``), and the targets take its median for each client count: not the
-    in-process figures of minutes earlier, nor other client counts' blocks, nor the ratio of the
-    two sets' medians, since this VM's speed drifts by several percent within a run and a pair's
-    two blocks share the state of the same seconds.
+    ones, so that neither side always runs first (on a warm machine, or right after the other's
+    work). Each pair's own ratio is kept (``x_beside``), and the targets take its median for each
+    client count: not the in-process figures of minutes earlier, nor other client counts' blocks,
+    nor the ratio of the two sets' medians, since this VM's speed drifts by several percent within
+    a run and a pair's two blocks share the state of the same seconds.
     """
     out: dict[str, Any] = {"clients": {}}
     reference: list[float] = []

@@ -124,11 +124,7 @@ class BankClient(BankHandle):
         self._thread.start()
 
     def _submit(self, request: Request, decode: Callable[[Reply], T]) -> concurrent.futures.Future[T]:
-        """An async call, queued for the I/O thread."""
-        return self._queue(request, decode)
-
-    def _queue(self, request: Request, decode: Callable[[Reply], T]) -> concurrent.futures.Future[T]:
-        """Queue a call for the I/O thread."""
+        """Queue ``request`` for the I/O thread."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._lock:
             try:
@@ -144,7 +140,7 @@ class BankClient(BankHandle):
         """A blocking call: on this thread when the socket is free and nothing waits to be sent
         (nothing issued earlier can then be overtaken), else through the I/O thread."""
         if not self._io_lock.acquire(blocking=False):
-            return self._queue(request, decode).result()
+            return self._submit(request, decode).result()
         try:
             with self._lock:
                 direct = not self._outbox
@@ -157,7 +153,7 @@ class BankClient(BankHandle):
                     self._landed(None)
         finally:
             self._io_lock.release()
-        return self._queue(request, decode).result()
+        return self._submit(request, decode).result()
 
     def _number(self, request: Request) -> list[Any]:
         """Number, encode and count a new call (under ``_lock``); BankError if it cannot be made."""
