@@ -144,8 +144,9 @@ class BankServer:
         logger.info("serving on %s", self.address)
         try:
             while not self._stopping.is_set():
-                if not self._receive():
-                    poller.poll(100)
+                # The pipe is read only when it has something: reading an empty one raises, and
+                # an exception raised after a search has emptied the caches costs ~20 us.
+                if not self._receive() and self._wake_r in dict(poller.poll(100)):
                     self._drain_wake()
         finally:
             self._shutdown()

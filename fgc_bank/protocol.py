@@ -37,6 +37,7 @@ DTYPES: dict[str, np.dtype] = {
     "float16": np.dtype("<f2"),
     "int64": np.dtype("<i8"),
 }
+_WIRE_NAMES = {dtype: name for name, dtype in DTYPES.items()}  # a dtype's wire name, by lookup
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ def _array_buffers(arrays: dict[str, np.ndarray]) -> tuple[list[list[Any]], list
     meta, buffers = [], []
     for name, array in arrays.items():
         array = np.asarray(array)
-        kind = next((k for k, dt in DTYPES.items() if array.dtype == dt), None)
+        kind = _WIRE_NAMES.get(array.dtype)
         if kind is None:
             raise _fail(ErrorCode.BAD_DTYPE, f"array {name!r} has dtype {array.dtype}; "
                         f"the wire carries {sorted(DTYPES)}")
