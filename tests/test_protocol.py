@@ -64,6 +64,20 @@ def test_arrays_are_not_copied_either_way() -> None:
     assert np.shares_memory(decoded.arrays["queries"], queries)
 
 
+@pytest.mark.parametrize("dtype", ["<f4", "<f2", "<i8"])
+def test_arrays_go_out_under_their_wire_dtype_name(dtype: str) -> None:
+    frames = encode_reply(Reply(1, arrays={"a": np.zeros((2, 3), dtype)}))
+    assert msgpack.unpackb(frames[0])["arrays"] == [["a", np.dtype(dtype).name, [2, 3]]]
+    assert decode_reply(frames).arrays["a"].dtype == np.dtype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [">f4", "<f8", "<i4", "<u8", "?"])
+def test_arrays_the_wire_does_not_carry_are_refused_when_encoded(dtype: str) -> None:
+    with pytest.raises(BankError) as info:
+        encode_request(Request("knn", "b", {"k": 1}, {"queries": np.zeros((2, 3), dtype)}))
+    assert info.value.code is ErrorCode.BAD_DTYPE
+
+
 def header(**fields) -> bytes:
     base = {"v": PROTOCOL_VERSION, "id": 1, "op": "knn", "bank": "b", "args": {"k": 1},
             "arrays": [["queries", "float32", [1, 2]]]}
