@@ -35,6 +35,11 @@ class Job:
     request: Request
     arrived: float = field(default_factory=time.perf_counter)
 
+    @property
+    def nbytes(self) -> int:
+        """The request's array bytes, which the job holds until it is answered."""
+        return sum(a.nbytes for a in self.request.arrays.values())
+
 
 Respond = Callable[[list[tuple[Job, Reply]]], None]
 _STOP = object()
@@ -44,10 +49,13 @@ class Dispatcher:
     """Worker threads with bounded queues; replies leave through ``respond`` (called on a worker)."""
 
     def __init__(self, service: BankService, respond: Respond, workers: int = 1, max_queue: int = 1024,
-                 coalesce_wait_s: float = 0.002) -> None:
+                 coalesce_wait_s: float = 0.002, max_queued_bytes: int = 2**30) -> None:
         self.service = service
         self.coalesce_wait_s = coalesce_wait_s
         self.max_queue = max_queue
+        self.max_queued_bytes = max_queued_bytes
+        self.queued_bytes = 0  # array bytes of the jobs submitted and not yet answered
+        self._bytes_lock = threading.Lock()
         # SimpleQueue: put and get are C, where queue.Queue runs a Condition's Python on both sides
         # of each hand-off, cold after every search. It has no bound of its own: submit keeps each
         # queue to max_queue jobs.
@@ -66,11 +74,21 @@ class Dispatcher:
         return sum(q.qsize() for q in self._queues)
 
     def submit(self, job: Job) -> None:
-        """Queue ``job`` behind its bank's earlier requests; raise BUSY if that queue is full."""
+        """Queue ``job`` behind its bank's earlier requests; raise BUSY if that queue is full, in
+        requests or in bytes over all queues."""
         jobs = self._queues[zlib.crc32((job.request.bank or "").encode()) % len(self._queues)]
         if jobs.qsize() >= self.max_queue:
             raise BankError(ErrorCode.BUSY, f"server queue is full ({self.max_queue} "
                             "requests waiting); retry after a short back-off")
+        size = job.nbytes
+        if size > self.max_queued_bytes:
+            raise BankError(ErrorCode.TOO_LARGE, f"request of {size} bytes; this server holds at most "
+                            f"{self.max_queued_bytes} bytes of queued requests")
+        with self._bytes_lock:
+            if self.queued_bytes + size > self.max_queued_bytes:
+                raise BankError(ErrorCode.BUSY, f"server holds {self.queued_bytes} bytes of queued "
+                                "requests; retry after a short back-off")
+            self.queued_bytes += size
         jobs.put(job)
 
     def barrier(self, action: Callable[[], Any]) -> Any:
@@ -147,6 +165,8 @@ class Dispatcher:
                     results = [self.service.handle(group[0].request)]
                 replies.extend(zip(group, results))
             respond(replies)
+            with self._bytes_lock:
+                self.queued_bytes -= sum(job.nbytes for job in bank_jobs)
         return answered, searched_s
 
 

@@ -22,7 +22,8 @@ class ServerMetrics:
         self.errors: collections.Counter[str] = collections.Counter()
         self.latencies: dict[str, collections.deque[float]] = collections.defaultdict(
             lambda: collections.deque(maxlen=LATENCY_WINDOW))
-        self.dropped_replies = 0
+        self.dropped_replies = 0  # replies to clients that were gone or read none of theirs
+        self.dropped_requests = 0  # requests from clients holding their budget of unread replies
 
     def observe(self, op: str, error: BankError | None, seconds: float) -> None:
         """Count one answered request."""
@@ -39,4 +40,5 @@ class ServerMetrics:
             latency = {op: {"p50_ms": float(np.percentile(v, 50) * 1e3), "p99_ms": float(np.percentile(v, 99) * 1e3)}
                        for op, v in self.latencies.items() if v}
             return {"requests": dict(self.requests), "errors": dict(self.errors),
-                    "latency": latency, "dropped_replies": self.dropped_replies}
+                    "latency": latency, "dropped_replies": self.dropped_replies,
+                    "dropped_requests": self.dropped_requests}

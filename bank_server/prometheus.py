@@ -36,8 +36,10 @@ class StatsCollector:
             queries.add_metric([name], b["queries"])
         yield from (requests, errors, latency, rows, updates, queries)
         yield GaugeMetricFamily("fgc_bank_queue_depth", "Requests waiting for a worker", value=stats.get("queue_depth", 0))
-        yield CounterMetricFamily("fgc_bank_dropped_replies", "Replies to clients that were gone",
-                                  value=stats.get("dropped_replies", 0))
+        yield CounterMetricFamily("fgc_bank_dropped_replies", "Replies to clients that were gone or "
+                                  "were not reading theirs", value=stats.get("dropped_replies", 0))
+        yield CounterMetricFamily("fgc_bank_dropped_requests", "Requests from clients holding their "
+                                  "budget of unread replies", value=stats.get("dropped_requests", 0))
         yield CounterMetricFamily("fgc_bank_coalesce_wait_seconds", "Time workers waited for the clients "
                                   "they had just answered, to search their requests together",
                                   value=stats.get("coalesce_wait_s", 0.0))

@@ -29,12 +29,14 @@ from typing import Any
 import zmq
 
 from bank_server import snapshot as snapshots
-from bank_server.dedup import MUTATING_OPS, RecentRequests, Seen
+from bank_server.dedup import MUTATING_OPS, RecentRequests, Seen, digest
+from bank_server.delivery import Delivery
 from bank_server.dispatch import Dispatcher, Job
 from bank_server.metrics import ServerMetrics
 from fgc_bank.errors import BankError, ErrorCode
-from fgc_bank.frames import NOBLOCK, readable, recv_frames, send_frames
+from fgc_bank.frames import NOBLOCK, readable, recv_bounded, send_frames
 from fgc_bank.protocol import (
+    MAX_ARRAYS,
     MAX_FRAME_BYTES,
     MAX_HEADER_BYTES,
     Reply,
@@ -50,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 INLINE_OPS = frozenset({"hello", "stats"})
 ADMIN_OPS = frozenset({"snapshot", "restore"})  # slow and global: run on the admin thread
+MAX_ADMIN_JOBS = 8  # snapshot/restore requests waiting for the admin thread before 'busy'
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,8 @@ class ServerConfig:
     coalesce_wait_s: float = 0.002  # a worker's wait for the clients it just answered (dispatch._wait_for)
     max_queue: int = 1024
     max_frame_bytes: int = MAX_FRAME_BYTES
+    max_queued_bytes: int = 2**30  # request bytes held for the bank workers, over all workers
+    max_unread_bytes: int = 2**30  # reply bytes ZeroMQ may hold for clients that do not read
     limits: Limits = field(default_factory=Limits)
     snapshot_dir: Path | None = None
     snapshot_every: float = 0.0  # seconds; 0: only on request and at shutdown
@@ -87,6 +92,9 @@ class BankServer:
         self.service = service or BankService(config.limits)
         self.metrics = ServerMetrics()
         self.recent = RecentRequests()
+        self.delivery = Delivery(config.max_unread_bytes, max(config.max_unread_bytes // 4, 1))
+        self._admin_jobs = 0  # snapshot/restore requests accepted and not yet answered
+        self._admin_lock = threading.Lock()
         self._ctx = zmq.Context.instance()
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = os.pipe()  # "look at the ROUTER again", from any thread
@@ -105,7 +113,7 @@ class BankServer:
         self.restored = self._restore_latest()
         self.service.extra_stats = self._server_stats
         self.dispatcher = Dispatcher(self.service, self._respond, config.workers, config.max_queue,
-                                     config.coalesce_wait_s)
+                                     config.coalesce_wait_s, config.max_queued_bytes)
         self._admin = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fgc-bank-admin")
         self.snapshotter = None
         if config.snapshot_dir is not None:
@@ -120,6 +128,7 @@ class BankServer:
         # outright (it drops the connection) so they never reach memory.
         router.setsockopt(zmq.MAXMSGSIZE, 2 * config.max_frame_bytes + MAX_HEADER_BYTES)
         router.setsockopt(zmq.RCVHWM, 4 * config.max_queue)  # past this, TCP pushes back on senders
+        router.setsockopt(zmq.SNDHWM, 256)  # unread replies per peer; past this they are dropped
         if config.curve_secret is not None:
             from bank_server.auth import start_curve
 
@@ -132,7 +141,7 @@ class BankServer:
         for job, reply in replies:
             self.metrics.observe(job.request.op, reply.error, time.perf_counter() - job.arrived)
             if job.request.client:
-                self.recent.done(job.request.client, job.request.id, reply)
+                self.recent.done(job.request.client, job.request.id, job.request.op, reply)
             messages.append([job.peer, *encode_reply(reply)])
         self._route(messages)
 
@@ -178,10 +187,27 @@ class BankServer:
         with self._router_lock:
             batch = []
             while len(batch) < 256 and readable(self._router):
-                batch.append(recv_frames(self._router, NOBLOCK))
-        for frames in batch:
-            self._handle(frames[0], frames[1:])
+                batch.append(recv_bounded(self._router, MAX_ARRAYS + 2, self.config.max_queued_bytes))
+        for frames, cut in batch:
+            self._handle_safely(frames[0], frames[1:], cut)
         return bool(batch)
+
+    def _handle_safely(self, peer: Any, frames: list[Any], cut: bool) -> None:
+        """Handle one message; whatever goes wrong becomes an error reply, never the loop's end."""
+        try:
+            if self.delivery.blocked(peer):  # it reads no replies: the work would be wasted
+                self.metrics.dropped_requests += 1
+                return
+            if cut:
+                raise BankError(ErrorCode.TOO_LARGE, f"message has more than {MAX_ARRAYS} arrays or "
+                                f"{self.config.max_queued_bytes} bytes")
+            self._handle(peer, frames)
+        except BankError as exc:
+            self._send(peer, Reply(peek_request_id(frames), error=exc), "invalid")
+        except Exception as exc:  # a bug: log it, answer it, keep serving
+            logger.exception("internal error handling a message")
+            self._send(peer, Reply(peek_request_id(frames), error=BankError(
+                ErrorCode.INTERNAL, f"{exc.__class__.__name__} while handling the message")), "invalid")
 
     def _drain_wake(self) -> None:
         try:
@@ -191,39 +217,71 @@ class BankServer:
             pass
 
     def _handle(self, peer: Any, frames: list[Any]) -> None:
-        try:
-            request = decode_request(frames, self.config.max_frame_bytes)
-        except BankError as exc:
-            self._send(peer, Reply(peek_request_id(frames), error=exc), "invalid")
-            return
+        """Decode one request and answer it inline, or queue it for the admin thread or a worker."""
+        request = decode_request(frames, self.config.max_frame_bytes)
         if request.op in INLINE_OPS:
             self._send(peer, self.service.handle(request), request.op)
             return
         if request.op in ADMIN_OPS:
-            self._admin.submit(self._run_admin, Job(peer, request))
+            self._submit_admin(Job(peer, request))
             return
-        tracked = bool(request.client)
+        tracked, sum_ = bool(request.client), 0
         if tracked:
-            seen, cached = self.recent.check(request.client, request.id, peer)
-            if seen is Seen.QUEUED:
-                return  # the first copy is still queued; its reply now goes to this connection
-            if seen is Seen.DONE:
-                if cached is not None:
-                    self._send(peer, cached, request.op)
-                    return
-                if request.op in MUTATING_OPS:
-                    request, tracked = self._replay(peer, request)
-                    if request is None:
-                        return
+            sum_ = digest(request)
+            request, tracked = self._check_copy(peer, request, sum_)
+            if request is None:
+                return
         job = Job(peer, request)
         if tracked:  # before submit: the worker may finish before this thread runs again
-            self.recent.begin(request.client, request.id, job)
+            self.recent.begin(request.client, request.id, sum_, job)
         try:
             self.dispatcher.submit(job)
-        except BankError as exc:
+        except BankError:
             if tracked:
                 self.recent.forget(request.client, request.id)
-            self._send(peer, Reply(request.id, error=exc), request.op)
+            raise
+
+    def _check_copy(self, peer: Any, request: Request, sum_: int) -> tuple[Request | None, bool]:
+        """Whether ``request`` was seen before (dedup): the request to run and whether to track
+        it, or (None, False) when it has been answered here."""
+        seen, cached = self.recent.check(request.client, request.id, sum_, request.op, peer)
+        if seen is Seen.NEW:
+            return request, True
+        if seen is Seen.QUEUED:
+            return None, False  # the first copy is still queued; its reply now goes to this connection
+        if seen is Seen.REUSED:
+            raise BankError(ErrorCode.ID_REUSED, f"request id {request.id} of client {request.client} "
+                            "was used before for another request; ids name one request each")
+        mutating = request.op in MUTATING_OPS
+        if seen is Seen.STALE and mutating:
+            raise BankError(ErrorCode.STALE_REQUEST, f"request id {request.id} of client {request.client} "
+                            f"is older than the last {self.recent.window} requests the server remembers "
+                            "for this client; it may have been applied, and is not applied again")
+        if seen is Seen.FULL and mutating:
+            raise BankError(ErrorCode.BUSY, f"the server is tracking {self.recent.max_clients} active "
+                            "clients; retry after a short back-off")
+        if seen is Seen.DONE and cached is not None:
+            self._send(peer, cached, request.op)
+            return None, False
+        if seen is Seen.DONE and mutating:
+            return self._replay(peer, request)
+        return request, False  # a read no longer remembered, or from a client not tracked: run it
+
+    def _submit_admin(self, job: Job) -> None:
+        """Queue a snapshot or restore for the admin thread, at most MAX_ADMIN_JOBS at a time."""
+        with self._admin_lock:
+            if self._admin_jobs >= MAX_ADMIN_JOBS:
+                raise BankError(ErrorCode.BUSY, f"{MAX_ADMIN_JOBS} snapshot or restore requests are "
+                                "waiting; retry when they are done")
+            self._admin_jobs += 1
+        self._admin.submit(self._admin_turn, job)
+
+    def _admin_turn(self, job: Job) -> None:
+        try:
+            self._run_admin(job)
+        finally:
+            with self._admin_lock:
+                self._admin_jobs -= 1
 
     def _replay(self, peer: Any, request: Request) -> tuple[Request | None, bool]:
         """A retry of a request already applied whose reply is no longer cached: answer it
@@ -297,14 +355,20 @@ class BankServer:
         self._route([[peer, *encode_reply(reply)]])
 
     def _route(self, messages: list[list[Any]]) -> None:
-        """Send ``messages`` on the ROUTER from any thread, under its lock."""
+        """Send ``messages`` on the ROUTER from any thread, under its lock, never waiting: a reply
+        to a client that is gone, or that holds its budget of unread replies, is dropped and
+        counted (the client's resend is answered from the reply cache)."""
+        admitted = [self.delivery.admit(frames[0], frames) for frames in messages]
         with self._router_lock:
-            for frames in messages:
-                try:
-                    send_frames(self._router, frames)
-                except zmq.ZMQError as exc:  # EHOSTUNREACH: the client is gone
+            for frames in admitted:
+                if frames is None:
                     self.metrics.dropped_replies += 1
-                    logger.warning("reply dropped: %s", exc)
+                    continue
+                try:
+                    send_frames(self._router, frames, NOBLOCK)
+                except zmq.ZMQError as exc:  # EHOSTUNREACH: gone; EAGAIN: its pipe is full
+                    self.metrics.dropped_replies += 1
+                    logger.debug("reply dropped: %s", exc)
             waiting = readable(self._router)
         if waiting:  # the send may have taken in the only sign of it the loop would see
             try:

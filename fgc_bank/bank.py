@@ -245,6 +245,8 @@ class MemoryBank:
         """``m`` distinct random ids (sorted) and their rows, reproducible from ``seed``."""
         if not 1 <= m <= self.config.rows:
             raise BankError(ErrorCode.BAD_ARGUMENT, f"m must be in [1, {self.config.rows}], got {m}")
+        if not 0 <= seed < 2**63:
+            raise BankError(ErrorCode.BAD_ARGUMENT, f"seed must be in [0, 2^63), got {seed}")
         ids = np.sort(np.random.default_rng(seed).choice(self.config.rows, size=m, replace=False))
         return ids.astype(np.int64), self.rows_np[ids]
 

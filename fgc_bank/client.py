@@ -75,12 +75,13 @@ class BankClient(BankHandle):
     curve_secret, curve_server : key files (from ``fgc-bank keys``) for a CURVE server: this
         client's secret key file and the server's public key file.
     max_in_flight : calls issued and not yet answered before new ones fail with BUSY (bounds
-        this process's memory when the server falls behind).
+        this process's memory when the server falls behind). At most the server's exactly-once
+        window (512 requests per client), so that every resend falls inside it.
     """
 
     def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT_S, retry_interval: float = 10.0,
                  curve_secret: str | Path | None = None, curve_server: str | Path | None = None,
-                 max_in_flight: int = 4096) -> None:
+                 max_in_flight: int = 512) -> None:
         if timeout <= 0 or retry_interval <= 0:
             raise BankError(ErrorCode.BAD_ARGUMENT, f"timeout and retry_interval must be positive, "
                             f"got {timeout} and {retry_interval}")

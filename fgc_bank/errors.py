@@ -6,6 +6,7 @@ same exception class, so a caller handles a remote error exactly like a local on
 
 from __future__ import annotations
 
+import reprlib
 from enum import Enum
 
 
@@ -27,9 +28,28 @@ class ErrorCode(str, Enum):
     NOT_FINITE = "not_finite"  # NaN or Inf in rows or queries
     BAD_K = "bad_k"
     BUSY = "busy"  # server queues full: back off and retry
+    STALE_REQUEST = "stale_request"  # resent after the server's exactly-once window: not applied
+    ID_REUSED = "id_reused"  # a (client, request id) sent again with other content
     TIMEOUT = "timeout"  # client side: no reply in time
     UNAVAILABLE = "unavailable"  # client side: server unreachable or closed
     INTERNAL = "internal"  # a server bug; the server logged the traceback and kept serving
+
+
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel, _QUOTE.maxstring, _QUOTE.maxother, _QUOTE.maxlong = 2, 60, 60, 40
+_QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxdict = _QUOTE.maxset = 6
+
+
+def quote(value: object) -> str:
+    """A repr of a value from the wire for an error message, bounded in length and depth.
+
+    Error messages quote what a client sent; ``repr`` of a list nested a thousand deep raises
+    RecursionError and one of a megabyte string is a megabyte, so nothing else quotes it.
+    """
+    try:
+        return _QUOTE.repr(value)
+    except Exception:  # noqa: BLE001 - a value whose repr fails is still an error to report
+        return f"<{type(value).__name__}>"
 
 
 class BankError(Exception):
@@ -48,12 +68,13 @@ class BankError(Exception):
     def from_wire(cls, error: object) -> BankError:
         """Rebuild an error from a reply header; unknown codes become INTERNAL rather than crash."""
         if not isinstance(error, dict):
-            return cls(ErrorCode.BAD_MESSAGE, f"server sent a malformed error: {error!r:.200}")
-        code, message = error.get("code"), str(error.get("message", ""))
+            return cls(ErrorCode.BAD_MESSAGE, f"server sent a malformed error: {quote(error)}")
+        code, message = error.get("code"), error.get("message", "")
+        message = message[:4096] if isinstance(message, str) else quote(message)
         try:
             code = ErrorCode(code)
         except ValueError:
-            return cls(ErrorCode.INTERNAL, f"unknown error code {code!r}: {message}")
+            return cls(ErrorCode.INTERNAL, f"unknown error code {quote(code)}: {message}")
         if code is ErrorCode.TIMEOUT:
             return BankTimeout(message)
         if code is ErrorCode.UNAVAILABLE:

@@ -40,3 +40,19 @@ def recv_frames(socket: zmq.Socket, flags: int = 0) -> list[zmq.Frame]:
 def readable(socket: zmq.Socket) -> bool:
     """Whether a message is waiting on ``socket``."""
     return bool(socket.getsockopt(EVENTS) & POLLIN)
+
+
+def recv_bounded(socket: zmq.Socket, max_parts: int, max_bytes: int) -> tuple[list[zmq.Frame], bool]:
+    """Receive one whole message, keeping at most ``max_parts`` parts and ``max_bytes`` bytes;
+    the rest is received and let go at once. Returns the parts kept and whether any were cut
+    (ZeroMQ bounds each part, MAXMSGSIZE, but not how many parts a message has)."""
+    frames = [socket.recv(NOBLOCK, copy=False)]
+    size, more, cut = len(frames[0]), frames[0].more, False
+    while more:
+        frame = socket.recv(copy=False)
+        size, more = size + len(frame), frame.more
+        if cut or len(frames) >= max_parts or size > max_bytes:
+            cut = True  # the part is let go when ``frame`` is rebound
+        else:
+            frames.append(frame)
+    return frames, cut

@@ -23,7 +23,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from fgc_bank.errors import BankError, ErrorCode
+from fgc_bank.errors import BankError, ErrorCode, quote
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
@@ -164,18 +164,20 @@ def _decode_arrays(meta: Any, frames: Sequence[Any], max_frame_bytes: int = MAX_
     for entry, frame in zip(meta, frames):
         if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
                 and isinstance(entry[1], str) and isinstance(entry[2], list)):
-            raise _fail(ErrorCode.BAD_MESSAGE, f"array entry must be [name, dtype, shape], got {entry!r:.200}")
+            raise _fail(ErrorCode.BAD_MESSAGE, f"array entry must be [name, dtype, shape], got {quote(entry)}")
         name, kind, shape = entry
+        if name in arrays:  # a second frame of the same name would silently replace the first
+            raise _fail(ErrorCode.BAD_MESSAGE, f"array {quote(name)} is listed twice")
         if kind not in DTYPES:
-            raise _fail(ErrorCode.BAD_DTYPE, f"array {name!r} has dtype {kind!r}; expected one of {sorted(DTYPES)}")
+            raise _fail(ErrorCode.BAD_DTYPE, f"array {quote(name)} has dtype {quote(kind)}; expected one of {sorted(DTYPES)}")
         if len(shape) > 4 or not all(isinstance(s, int) and 0 <= s < 2**40 for s in shape):
-            raise _fail(ErrorCode.BAD_SHAPE, f"array {name!r} has an invalid shape {shape!r:.200}")
+            raise _fail(ErrorCode.BAD_SHAPE, f"array {quote(name)} has an invalid shape {quote(shape)}")
         buf = memoryview(frame)
         expected = math.prod(shape) * DTYPES[kind].itemsize
         if buf.nbytes > max_frame_bytes:
-            raise _fail(ErrorCode.TOO_LARGE, f"array {name!r} is {buf.nbytes} bytes; limit {max_frame_bytes}")
+            raise _fail(ErrorCode.TOO_LARGE, f"array {quote(name)} is {buf.nbytes} bytes; limit {max_frame_bytes}")
         if buf.nbytes != expected:
-            raise _fail(ErrorCode.BAD_SHAPE, f"array {name!r} declares shape {shape} of {kind} "
+            raise _fail(ErrorCode.BAD_SHAPE, f"array {quote(name)} declares shape {shape} of {kind} "
                         f"({expected} bytes) but its frame has {buf.nbytes} bytes")
         arrays[name] = np.frombuffer(buf, dtype=DTYPES[kind]).reshape(shape)
     return arrays
@@ -214,21 +216,21 @@ def decode_request(frames: Sequence[Any], max_frame_bytes: int = MAX_FRAME_BYTES
     header = _unpack_header(frames[0])
     version = header.get("v")
     if version != PROTOCOL_VERSION:
-        raise _fail(ErrorCode.VERSION, f"protocol version {version!r} is not supported; "
+        raise _fail(ErrorCode.VERSION, f"protocol version {quote(version)} is not supported; "
                     f"this server speaks version {PROTOCOL_VERSION}")
     rid = header.get("id")
     if not isinstance(rid, int) or not 0 <= rid < 2**64:
-        raise _fail(ErrorCode.BAD_MESSAGE, f"request id must be an unsigned 64-bit int, got {rid!r:.100}")
+        raise _fail(ErrorCode.BAD_MESSAGE, f"request id must be an unsigned 64-bit int, got {quote(rid)}")
     client = header.get("client", 0)
     if not isinstance(client, int) or not 0 <= client < 2**64:
-        raise _fail(ErrorCode.BAD_MESSAGE, f"client id must be an unsigned 64-bit int, got {client!r:.100}")
+        raise _fail(ErrorCode.BAD_MESSAGE, f"client id must be an unsigned 64-bit int, got {quote(client)}")
     op = header.get("op")
     spec = OPS.get(op) if isinstance(op, str) else None
     if spec is None:
-        raise _fail(ErrorCode.UNKNOWN_OP, f"unknown op {op!r:.100}; known ops: {', '.join(sorted(OPS))}")
+        raise _fail(ErrorCode.UNKNOWN_OP, f"unknown op {quote(op)}; known ops: {', '.join(sorted(OPS))}")
     bank = header.get("bank")
     if spec.needs_bank and not (isinstance(bank, str) and 0 < len(bank) <= MAX_NAME_CHARS):
-        raise _fail(ErrorCode.BAD_ARGUMENT, f"op {op!r} needs a bank name of 1 to {MAX_NAME_CHARS} characters, got {bank!r:.100}")
+        raise _fail(ErrorCode.BAD_ARGUMENT, f"op {op!r} needs a bank name of 1 to {MAX_NAME_CHARS} characters, got {quote(bank)}")
     args = header.get("args", {})
     if not isinstance(args, dict):
         raise _fail(ErrorCode.BAD_MESSAGE, "'args' must be a map")
@@ -243,7 +245,7 @@ def _check_args(op: str, spec: OpSpec, args: dict[str, Any]) -> None:
     allowed = {**spec.args, **spec.optional_args}
     for name in args:
         if name not in allowed:
-            raise _fail(ErrorCode.BAD_ARGUMENT, f"op {op!r} takes no argument {name!r}; it takes {sorted(allowed) or 'none'}")
+            raise _fail(ErrorCode.BAD_ARGUMENT, f"op {op!r} takes no argument {quote(name)}; it takes {sorted(allowed) or 'none'}")
     for name, kind in allowed.items():
         if name not in args:
             if name in spec.args:
@@ -260,7 +262,7 @@ def _check_arrays(op: str, spec: OpSpec, arrays: dict[str, np.ndarray]) -> None:
     allowed = {**spec.arrays, **spec.optional_arrays}
     for name, array in arrays.items():
         if name not in allowed:
-            raise _fail(ErrorCode.BAD_ARGUMENT, f"op {op!r} takes no array {name!r}; it takes {sorted(allowed) or 'none'}")
+            raise _fail(ErrorCode.BAD_ARGUMENT, f"op {op!r} takes no array {quote(name)}; it takes {sorted(allowed) or 'none'}")
         kind, ndim = allowed[name]
         if array.dtype != DTYPES[kind]:
             raise _fail(ErrorCode.BAD_DTYPE, f"array {name!r} of op {op!r} must be {kind}, got {array.dtype}")
@@ -289,7 +291,7 @@ def decode_reply(frames: Sequence[Any]) -> Reply:
     header = _unpack_header(frames[0])
     rid = header.get("id")
     if header.get("v") != PROTOCOL_VERSION or not isinstance(rid, int):
-        raise _fail(ErrorCode.BAD_MESSAGE, f"reply has a bad version or id: {header!r:.200}")
+        raise _fail(ErrorCode.BAD_MESSAGE, f"reply has a bad version or id: {quote(header)}")
     if not header.get("ok"):
         return Reply(id=rid, error=BankError.from_wire(header.get("error")))
     arrays = _decode_arrays(header.get("arrays", []), frames[1:])

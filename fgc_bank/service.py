@@ -7,20 +7,33 @@ answer every request with the same code. No sockets and no threads of its own he
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fgc_bank import __version__
 from fgc_bank.bank import BankConfig, MemoryBank, Op, OpResult, Search, SearchUpdate, Update
 from fgc_bank.errors import BankError, ErrorCode
-from fgc_bank.protocol import PROTOCOL_VERSION, Reply, Request
+from fgc_bank.protocol import MAX_FRAME_BYTES, PROTOCOL_VERSION, Reply, Request
 
 logger = logging.getLogger(__name__)
 
 BATCHABLE_OPS = frozenset({"update", "knn", "knn_update"})
+
+
+def physical_memory() -> int:
+    """Bytes of RAM on this machine (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _default_total_bytes() -> int:
+    return int(0.75 * physical_memory()) or 64 * 2**30
 
 
 @dataclass(frozen=True)
@@ -30,6 +43,8 @@ class Limits:
     max_batch: int = 65536  # rows or queries per request
     max_bank_bytes: int = 64 * 2**30
     max_banks: int = 64
+    max_total_bytes: int = field(default_factory=_default_total_bytes)  # all banks together
+    max_reply_bytes: int = MAX_FRAME_BYTES  # one reply's arrays, checked before computing them
 
 
 class BankService:
@@ -89,11 +104,20 @@ class BankService:
                 replies[i] = self._result_reply(requests[i].id, op, result)
         return replies  # type: ignore[return-value]
 
+    def _check_reply(self, op: str, nbytes: int) -> None:
+        """Refuse a request whose reply would be larger than the limit, before computing it."""
+        if nbytes > self.limits.max_reply_bytes:
+            raise BankError(ErrorCode.TOO_LARGE, f"the reply to this {op} would be {nbytes} bytes; "
+                            f"this server sends at most {self.limits.max_reply_bytes}: ask for fewer "
+                            "rows or a smaller k")
+
     def _to_op(self, bank: MemoryBank, request: Request) -> Op:
         a, args = request.arrays, request.args
         rows = next(iter(a.values())).shape[0] if a else 0
         if rows > self.limits.max_batch:
             raise BankError(ErrorCode.TOO_LARGE, f"{rows} rows in one {request.op}; this server takes at most {self.limits.max_batch}")
+        if request.op != "update" and isinstance(args.get("k"), int):
+            self._check_reply(request.op, rows * max(args["k"], 0) * 12)  # float32 score + int64 id
         if request.op == "update":
             op: Op = Update(a["ids"], a["rows"], args.get("mode", "momentum"))
         elif request.op == "knn":
@@ -133,37 +157,47 @@ class BankService:
         if op == "info":
             return Reply(rid, result=bank.info())
         if op == "gather":
-            if request.arrays["ids"].shape[0] > self.limits.max_batch:
-                raise BankError(ErrorCode.TOO_LARGE, f"gather of {request.arrays['ids'].shape[0]} rows; at most {self.limits.max_batch}")
-            return Reply(rid, arrays={"rows": bank.gather(request.arrays["ids"])})
+            ids = request.arrays["ids"]
+            if ids.shape[0] > self.limits.max_batch:
+                raise BankError(ErrorCode.TOO_LARGE, f"gather of {ids.shape[0]} rows; at most {self.limits.max_batch}")
+            self._check_reply(op, ids.shape[0] * bank.config.dim * 4)
+            return Reply(rid, arrays={"rows": bank.gather(ids)})
         if op == "sample":
             if args["m"] > self.limits.max_batch:
                 raise BankError(ErrorCode.TOO_LARGE, f"sample of {args['m']} rows; at most {self.limits.max_batch}")
+            self._check_reply(op, max(args["m"], 0) * (bank.config.dim * 4 + 8))
             ids, rows = bank.sample(args["m"], args.get("seed", 0))
             return Reply(rid, arrays={"ids": ids, "rows": rows})
         raise BankError(ErrorCode.UNKNOWN_OP, f"op {op!r} is not served here")
 
     def create(self, name: str | None, args: dict[str, Any]) -> dict[str, Any]:
-        """Create bank ``name``; with ``exist_ok`` an identical existing bank is fine."""
+        """Create bank ``name``; with ``exist_ok`` an existing bank of the same config is fine."""
         config = BankConfig(name=name or "", rows=args["rows"], dim=args["dim"],
                             momentum=float(args.get("momentum", 0.5)), init=args.get("init", "uniform"),
                             seed=args.get("seed", 0), dtype=args.get("dtype", "float32"))
+        config.validate(self.limits.max_bank_bytes)  # before anything: exist_ok checks arguments too
         with self._lock:
             existing = self.banks.get(config.name)
             if existing is not None:
                 if not args.get("exist_ok", False):
                     raise BankError(ErrorCode.BANK_EXISTS, f"bank {config.name!r} exists; drop it first or pass exist_ok")
-                if (existing.config.rows, existing.config.dim) != (config.rows, config.dim):
-                    raise BankError(ErrorCode.BANK_MISMATCH, f"bank {config.name!r} exists with "
-                                    f"{existing.config.rows} x {existing.config.dim}, not {config.rows} x {config.dim}")
+                _check_same(existing.config, config)
                 return existing.info()
             if len(self.banks) >= self.limits.max_banks:
                 raise BankError(ErrorCode.TOO_LARGE, f"this server holds at most {self.limits.max_banks} banks")
-            config.validate(self.limits.max_bank_bytes)
+            held = self.held_bytes()
+            if held + config.nbytes() > self.limits.max_total_bytes:
+                raise BankError(ErrorCode.TOO_LARGE, f"bank {config.name!r} needs {config.nbytes() / 2**30:.2f} GiB "
+                                f"and the server's banks hold {held / 2**30:.2f} GiB of the "
+                                f"{self.limits.max_total_bytes / 2**30:.2f} GiB it allows for all banks")
             self.banks[config.name] = bank = MemoryBank(config)
         logger.info("created bank %r: %d x %d, momentum %.3g, init %s", config.name, config.rows,
                     config.dim, config.momentum, config.init)
         return bank.info()
+
+    def held_bytes(self) -> int:
+        """Memory all banks take."""
+        return sum(b.config.nbytes() for b in list(self.banks.values()))
 
     def replace_banks(self, banks: Sequence[MemoryBank]) -> None:
         """Install banks built elsewhere (a restored snapshot) in place of all current ones."""
@@ -174,3 +208,12 @@ class BankService:
         """Banks and their counters, plus whatever the host (the server) adds."""
         return {"uptime_s": time.time() - self.started,
                 "banks": {n: b.info() for n, b in list(self.banks.items())}, **self.extra_stats()}
+
+
+def _check_same(existing: BankConfig, wanted: BankConfig) -> None:
+    """Raise BANK_MISMATCH naming every field in which an existing bank differs from a create."""
+    old, new = asdict(existing), asdict(wanted)
+    differ = [f"{key} {old[key]!r} (asked {new[key]!r})" for key in old if old[key] != new[key]]
+    if differ:
+        raise BankError(ErrorCode.BANK_MISMATCH, f"bank {existing.name!r} exists with another "
+                        f"configuration: {', '.join(differ)}; drop it or create it as it is")

@@ -12,7 +12,6 @@ import pytest
 from conftest import TIME_FACTOR, start_server, stop_server
 
 from bank_server import snapshot as snapshots
-from bank_server.dedup import RecentRequests
 from fgc_bank import connect
 from fgc_bank.bank import BankConfig, MemoryBank, Update
 from fgc_bank.errors import BankError, ErrorCode
@@ -64,32 +63,6 @@ def test_old_snapshots_are_pruned_to_keep(tmp_path: Path) -> None:
     for _ in range(5):
         snapshots.write(tmp_path, snapshots.capture(banks, {}), keep=2)
     assert [p.name for p in snapshots.snapshots(tmp_path)] == ["snapshot-00000005", "snapshot-00000004"]
-
-
-def test_dedup_table_round_trips_and_stays_bounded() -> None:
-    from fgc_bank.protocol import Reply
-
-    class Job:
-        peer = b"old"
-
-    table = RecentRequests(window=4, reply_budget=600)
-    jobs = {}
-    for rid in range(1, 8):
-        jobs[rid] = Job()
-        table.begin(5, rid, jobs[rid])
-    assert table.export() == {"5": []}  # queued, not applied: a snapshot must not claim them
-    assert table.check(5, 7, b"new")[0].value == "queued" and jobs[7].peer == b"new"  # reply redirected
-    for rid in range(4, 8):
-        table.done(5, rid, Reply(rid, arrays={"x": np.zeros(10, np.float32)}))  # 296 bytes each
-    assert table.export() == {"5": [4, 5, 6, 7]}
-    seen, cached = table.check(5, 7)
-    assert seen.value == "done" and cached is not None and cached.id == 7
-    seen, cached = table.check(5, 5)
-    assert seen.value == "done" and cached is None  # reply evicted by the byte budget, id remembered
-    assert table.check(5, 1)[0].value == "new"  # beyond the window
-    fresh = RecentRequests()
-    fresh.restore(table.export())
-    assert fresh.check(5, 4)[0].value == "done"
 
 
 def test_server_snapshots_on_request_and_at_sigterm_and_restores_at_start(tmp_path: Path) -> None:
