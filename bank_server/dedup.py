@@ -63,7 +63,7 @@ def digest(request: Request) -> int:
 class _Queued:
     """Marks a queued request; holds its job so a resent copy can redirect the reply."""
 
-    __slots__ = ("job", "digest")
+    __slots__ = ("digest", "job")
 
     def __init__(self, job: Any, digest: int) -> None:
         self.job = job
@@ -73,7 +73,7 @@ class _Queued:
 class _Client:
     """One client's records: request id -> ``_Queued``, or (digest, mutating) once done."""
 
-    __slots__ = ("records", "floor", "last_seen")
+    __slots__ = ("floor", "last_seen", "records")
 
     def __init__(self) -> None:
         self.records: collections.OrderedDict[int, Any] = collections.OrderedDict()

@@ -73,9 +73,17 @@ def main(log_level: str) -> None:
 @click.option("--max-batch", type=click.IntRange(1, 1 << 24), default=65536,
               help="Most rows or queries in one request.")
 @click.option("--max-frame-mib", type=click.FloatRange(0.001), default=256.0,
-              help="Largest array frame a client may send, in MiB; larger ones get 'too_large'.")
+              help="Largest array frame a client may send, and largest reply, in MiB; larger ones get "
+                   "'too_large'.")
 @click.option("--max-bank-gib", type=click.FloatRange(0.001), default=64.0,
               help="Largest bank a client may create, in GiB of float32 rows.")
+@click.option("--max-total-gib", type=click.FloatRange(0.001), default=None,
+              help="Memory all banks together may take, in GiB  [default: 3/4 of this machine's memory]")
+@click.option("--max-queued-mib", type=click.FloatRange(1), default=1024.0,
+              help="Request bytes held for the bank workers, over all of them, in MiB; beyond, 'busy'.")
+@click.option("--max-unread-mib", type=click.FloatRange(1), default=1024.0,
+              help="Reply bytes held for clients that have not read them, in MiB (a quarter of it per "
+                   "connection); replies beyond are dropped and counted, never waited for.")
 @click.option("--address-file", type=click.Path(dir_okay=False, writable=True, path_type=Path), default=None,
               help="Write the bound address here once the server is ready (for scripts and port 0).")
 @click.option("--snapshot-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -92,7 +100,8 @@ def main(log_level: str) -> None:
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="Serve Prometheus metrics over HTTP on this port (bound to --host); 0 picks one.")
 def serve(host: str, port: int, endpoint: str | None, workers: int, faiss_threads: int, coalesce_wait_ms: float,
-          max_queue: int, max_batch: int, max_frame_mib: float, max_bank_gib: float, address_file: Path | None,
+          max_queue: int, max_batch: int, max_frame_mib: float, max_bank_gib: float, max_total_gib: float | None,
+          max_queued_mib: float, max_unread_mib: float, address_file: Path | None,
           snapshot_dir: Path | None, snapshot_every: float, snapshot_keep: int, curve_secret: Path | None,
           curve_clients: Path | None, metrics_port: int | None) -> None:
     """Serve memory banks over ZeroMQ until Ctrl-C or SIGTERM."""
@@ -102,10 +111,13 @@ def serve(host: str, port: int, endpoint: str | None, workers: int, faiss_thread
 
     if (curve_secret is None) != (curve_clients is None):
         raise click.UsageError("--curve-secret and --curve-clients go together")
-    limits = Limits(max_batch=max_batch, max_bank_bytes=int(max_bank_gib * 2**30))
+    total = {} if max_total_gib is None else {"max_total_bytes": int(max_total_gib * 2**30)}
+    limits = Limits(max_batch=max_batch, max_bank_bytes=int(max_bank_gib * 2**30),
+                    max_reply_bytes=int(max_frame_mib * 2**20), **total)
     config = ServerConfig(host=host, port=port, endpoint=endpoint, workers=workers,
                           faiss_threads=faiss_threads, coalesce_wait_s=coalesce_wait_ms / 1000, max_queue=max_queue,
                           max_frame_bytes=int(max_frame_mib * 2**20), limits=limits,
+                          max_queued_bytes=int(max_queued_mib * 2**20), max_unread_bytes=int(max_unread_mib * 2**20),
                           snapshot_dir=snapshot_dir, snapshot_every=snapshot_every, snapshot_keep=snapshot_keep,
                           curve_secret=curve_secret, curve_clients=curve_clients)
     try:

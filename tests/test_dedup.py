@@ -14,7 +14,14 @@ import pytest
 import zmq
 from conftest import TIME_FACTOR, start_server, stop_server
 
-from bank_server.dedup import CACHE_ENTRY_BYTES, RECORD_BYTES, RecentRequests, Seen, digest, reply_bytes
+from bank_server.dedup import (
+    CACHE_ENTRY_BYTES,
+    RECORD_BYTES,
+    RecentRequests,
+    Seen,
+    digest,
+    reply_bytes,
+)
 from fgc_bank import connect
 from fgc_bank.protocol import Reply, Request, decode_reply, encode_request
 

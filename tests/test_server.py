@@ -98,6 +98,25 @@ def hdr(**fields) -> bytes:
     return msgpack.packb(base)
 
 
+DEEP = b"\x91" * 1000 + b"\x01"  # msgpack: a list nested 1,000 deep around 1
+
+
+def deep(field: str) -> bytes:
+    """``hdr()`` with ``field``'s value (or, for "entry" and "shape", the array entry or its shape)
+    replaced by DEEP; built as bytes, since msgpack will not pack so deep a Python value."""
+    entry = {"entry": DEEP, "shape": b"\x93" + msgpack.packb("queries") + msgpack.packb("float32") + DEEP}
+    fields = {"v": msgpack.packb(PROTOCOL_VERSION), "id": msgpack.packb(77), "op": msgpack.packb("knn"),
+              "bank": msgpack.packb("target"), "args": msgpack.packb({"k": 3}),
+              "arrays": b"\x91" + entry.get(field, msgpack.packb(["queries", "float32", [2, 8]]))}
+    if field == "client":
+        fields["client"] = DEEP
+    elif field == "k":
+        fields["args"] = b"\x81" + msgpack.packb("k") + DEEP
+    elif field in fields:
+        fields[field] = DEEP
+    return bytes([0x80 | len(fields)]) + b"".join(msgpack.packb(k) + v for k, v in fields.items())
+
+
 Q = np.ones((2, 8), np.float32)
 HOSTILE = {
     "garbage msgpack": ([b"\x93\xc1\xc1 not msgpack at all"], ErrorCode.BAD_MESSAGE),
@@ -124,6 +143,29 @@ HOSTILE = {
     "oversized frame": (raw(arrays={"queries": np.ones((3 * 2**14, 8), np.float32)}), ErrorCode.TOO_LARGE),
     "batch above limit": (raw(arrays={"queries": np.ones((5000, 8), np.float32)}), ErrorCode.TOO_LARGE),
     "argument of wrong type": (raw(args={"k": "three"}, arrays={"queries": Q}), ErrorCode.BAD_ARGUMENT),
+    "version nested 1000 deep": ([deep("v"), Q.tobytes()], ErrorCode.VERSION),
+    "id nested 1000 deep": ([deep("id"), Q.tobytes()], ErrorCode.BAD_MESSAGE),
+    "client nested 1000 deep": ([deep("client"), Q.tobytes()], ErrorCode.BAD_MESSAGE),
+    "op nested 1000 deep": ([deep("op"), Q.tobytes()], ErrorCode.UNKNOWN_OP),
+    "bank nested 1000 deep": ([deep("bank"), Q.tobytes()], ErrorCode.BAD_ARGUMENT),
+    "k nested 1000 deep": ([deep("k"), Q.tobytes()], ErrorCode.BAD_ARGUMENT),
+    "array entry nested 1000 deep": ([deep("entry"), Q.tobytes()], ErrorCode.BAD_MESSAGE),
+    "shape nested 1000 deep": ([deep("shape"), Q.tobytes()], ErrorCode.BAD_SHAPE),
+    "array named twice": ([hdr(arrays=[["queries", "float32", [2, 8]]] * 2), Q.tobytes(), Q.tobytes()],
+                          ErrorCode.BAD_MESSAGE),
+    "more parts than arrays allowed": ([hdr(), *[Q.tobytes()] * 20], ErrorCode.TOO_LARGE),
+    "zero queries": (raw(arrays={"queries": np.ones((0, 8), np.float32)}), ErrorCode.BAD_SHAPE),
+    "zero-row knn_update": (raw("knn_update", arrays={"ids": np.ones(0, np.int64), "features": np.ones((0, 8), np.float32)}),
+                            ErrorCode.BAD_SHAPE),
+    "negative sample seed": (raw("sample", args={"m": 3, "seed": -1}), ErrorCode.BAD_ARGUMENT),
+    "create exist_ok with other momentum": (raw("create", args={"rows": 100, "dim": 8, "seed": 11, "momentum": 0.9,
+                                                                "exist_ok": True}), ErrorCode.BANK_MISMATCH),
+    "create exist_ok with other seed": (raw("create", args={"rows": 100, "dim": 8, "exist_ok": True}),
+                                        ErrorCode.BANK_MISMATCH),
+    "create exist_ok with a bad init": (raw("create", args={"rows": 100, "dim": 8, "seed": 11, "init": "zeros",
+                                                            "exist_ok": True}), ErrorCode.BAD_ARGUMENT),
+    "knn reply above the limit": (raw(args={"k": 100}, arrays={"queries": np.ones((4096, 8), np.float32)}),
+                                  ErrorCode.TOO_LARGE),
 }
 
 
