@@ -43,6 +43,11 @@ class StatsCollector:
         yield CounterMetricFamily("fgc_bank_coalesce_wait_seconds", "Time workers waited for the clients "
                                   "they had just answered, to search their requests together",
                                   value=stats.get("coalesce_wait_s", 0.0))
+        held = GaugeMetricFamily("fgc_bank_held_bytes", "Memory the server holds, by what holds it",
+                                 labels=["what"])
+        for what, n in stats.get("held_bytes", {}).items():
+            held.add_metric([what], n)
+        yield held
         snap = stats.get("snapshot")
         if snap is not None:
             yield GaugeMetricFamily("fgc_bank_snapshot_age_seconds", "Age of the last snapshot", value=snap["age_s"])

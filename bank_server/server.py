@@ -382,6 +382,8 @@ class BankServer:
                 "batches": self.dispatcher.batches, "coalesced_requests": self.dispatcher.coalesced,
                 "coalesce_wait_s": self.dispatcher.waited_s,
                 "copies_seen": self.recent.copies_seen, "restored_from": self.restored,
+                "held_bytes": {"banks": self.service.held_bytes(), "queued_requests": self.dispatcher.queued_bytes,
+                               "unread_replies": self.delivery.held(), "dedup_table": self.recent.held_bytes()},
                 "snapshot": None if last is None else {"name": last["name"], "age_s": time.time() - last["time"]},
                 **self.metrics.summary()}
 

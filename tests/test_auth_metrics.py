@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from conftest import TIME_FACTOR, start_server, stop_server
 
 from fgc_bank import connect
+from fgc_bank.bank import BankConfig
 from fgc_bank.cli import main
 from fgc_bank.errors import BankError, BankTimeout, ErrorCode
 
@@ -90,5 +91,9 @@ def test_prometheus_endpoint_reports_requests_and_banks(tmp_path: Path) -> None:
         assert 'fgc_bank_bank_queries_total{bank="feat/7"} 48.0' in text
         assert "fgc_bank_queue_depth" in text
         assert "fgc_bank_coalesce_wait_seconds_total" in text
+        held = BankConfig("feat/7", 1000, 8).nbytes()
+        assert f'fgc_bank_held_bytes{{what="banks"}} {float(held)}' in text
+        assert 'fgc_bank_held_bytes{what="queued_requests"} 0.0' in text
+        assert 'fgc_bank_held_bytes{what="unread_replies"}' in text and "fgc_bank_dropped_requests_total" in text
     finally:
         stop_server(proc)
