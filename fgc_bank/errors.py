@@ -27,6 +27,7 @@ class ErrorCode(str, Enum):
     NOT_FINITE = "not_finite"  # NaN or Inf in rows or queries
     BAD_K = "bad_k"
     BUSY = "busy"  # server queues full: back off and retry
+    SNAPSHOT_FAILED = "snapshot_failed"  # a snapshot could not be written (disk full, directory not writable)
     TIMEOUT = "timeout"  # client side: no reply in time
     UNAVAILABLE = "unavailable"  # client side: server unreachable or closed
     INTERNAL = "internal"  # a server bug; the server logged the traceback and kept serving

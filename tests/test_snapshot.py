@@ -40,29 +40,37 @@ def test_write_then_read_gives_back_every_row_config_counter_and_request_id(tmp_
     assert not list(tmp_path.glob(".tmp-*"))
 
 
-def test_corrupt_or_partial_snapshots_are_skipped_for_the_newest_good_one(tmp_path: Path, caplog) -> None:
+def test_corrupt_or_partial_snapshots_stop_the_scan_or_are_skipped_when_told(tmp_path: Path, caplog) -> None:
     banks = banks_with_updates()
     good = snapshots.write(tmp_path, snapshots.capture(banks, {}))
     expected = banks["feat/7"].rows_np.copy()
     banks["feat/7"].execute([Update(np.array([5]), np.full((1, 8), 3.0, np.float32))])
     flipped = snapshots.write(tmp_path, snapshots.capture(banks, {}))
-    truncated = snapshots.write(tmp_path, snapshots.capture(banks, {}), keep=10)
+    truncated = snapshots.write(tmp_path, snapshots.capture(banks, {}))
     raw = bytearray((flipped / "bank-000.npy").read_bytes())
     raw[-1] ^= 0xFF  # one flipped bit in the rows
     (flipped / "bank-000.npy").write_bytes(bytes(raw))
-    (truncated / snapshots.MANIFEST).write_text('{"format": 1, "banks": [')
+    (truncated / snapshots.MANIFEST).write_text('{"format": 2, "banks": [')
     (tmp_path / ".tmp-snapshot-00000099-1").mkdir()  # a crash mid-write
-    loaded, manifest = snapshots.load_latest(tmp_path)
-    assert manifest["seq"] == int(good.name.split("-")[1])
-    assert np.array_equal({b.config.name: b for b in loaded}["feat/7"].rows_np, expected)
-    assert "checksum" in caplog.text and "unreadable manifest" in caplog.text
+    refused = snapshots.load_latest(tmp_path)  # the default: stop at the first that fails
+    assert refused.loaded == [] and list(refused.failed) == [truncated.name]
+    skipped = snapshots.load_latest(tmp_path, keep_going=True)
+    assert [d.summary.name for d in skipped.loaded] == [good.name]
+    assert list(skipped.failed) == [truncated.name, flipped.name]
+    assert np.array_equal({b.config.name: b for b in skipped.loaded[0].banks}["feat/7"].rows_np, expected)
+    assert "checksum" in caplog.text and "manifest fails its sha256" in caplog.text
     assert not (tmp_path / ".tmp-snapshot-00000099-1").exists()
 
 
 def test_old_snapshots_are_pruned_to_keep(tmp_path: Path) -> None:
     banks = banks_with_updates()
-    for _ in range(5):
-        snapshots.write(tmp_path, snapshots.capture(banks, {}), keep=2)
+    snapper = snapshots.Snapshotter(tmp_path, lambda action: action(),
+                                    lambda prefix, retain: snapshots.capture(banks, {}, prefix, retain), keep=2)
+    try:
+        for _ in range(5):
+            snapper.snapshot()
+    finally:
+        snapper.stop()
     assert [p.name for p in snapshots.snapshots(tmp_path)] == ["snapshot-00000005", "snapshot-00000004"]
 
 
