@@ -290,7 +290,7 @@ def load_latest(directory: Path, keep_going: bool = False) -> Startup:
         try:
             found.loaded.append(load(path))
         except SnapshotError as exc:
-            logger.error("cannot load snapshot: %s", exc)
+            logger.warning("cannot load snapshot: %s", exc)
             found.failed[path.name] = str(exc)
             if not keep_going:
                 break
