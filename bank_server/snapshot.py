@@ -21,7 +21,8 @@ each other's banks. Sequence numbers are shared by all prefixes, so names stay u
 
 Pruning (after each write, for the prefix just written; see :func:`prunable`): a snapshot goes
 only when ``keep`` newer snapshots of its prefix are known good (written or verified by this
-server process), it is not pinned by a pairing, and it never failed to load.
+server process), it is not pinned by a pairing, and it never failed to load (``unloadable.json``
+records those across restarts; a later successful load takes one off the record).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ FORMAT = 2  # 2: manifest.sha256, prefix and retain; format 1 had no manifest ch
 PREFIX = "snapshot-"
 MANIFEST = "manifest.json"
 CHECKSUM = "manifest.sha256"
+UNLOADABLE = "unloadable.json"  # snapshots that failed to load, and why: never pruned, by any process
 NAME_RE = re.compile(r"snapshot-\d{8,}")
 _BANK_FILE_RE = re.compile(r"bank-\d{3,}\.npy")
 MAX_PENDING_SCOPES = 16  # distinct (prefix, retain) snapshots waiting; beyond: busy
@@ -277,6 +279,34 @@ def remove_unfinished(directory: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def read_unloadable(directory: Path) -> dict[str, str]:
+    """The record of snapshots that failed to load (name -> why); empty if none or unreadable."""
+    try:
+        record = json.loads((directory / UNLOADABLE).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        logger.warning("cannot read %s (%s): pruning treats every snapshot as loadable", UNLOADABLE, exc)
+        return {}
+    return {str(k): str(v) for k, v in record.items()} if isinstance(record, dict) else {}
+
+
+def update_unloadable(directory: Path, failed: dict[str, str], loaded: Iterable[str] = ()) -> dict[str, str]:
+    """Add ``failed`` to the record and take ``loaded`` off it (atomically); returns the record."""
+    record = read_unloadable(directory)
+    changed = {**record, **failed}
+    for name in [*loaded, *(n for n in changed if not (directory / n).is_dir())]:  # loaded, or removed by hand
+        changed.pop(name, None)
+    if changed != record:
+        tmp = directory / f".{UNLOADABLE}.tmp"
+        try:
+            tmp.write_text(json.dumps(changed, indent=1, sort_keys=True))
+            os.replace(tmp, directory / UNLOADABLE)
+        except OSError as exc:
+            logger.error("cannot record unloadable snapshots in %s: %s", directory / UNLOADABLE, exc)
+    return changed
+
+
 def load_latest(directory: Path, keep_going: bool = False) -> Startup:
     """The snapshots that restore the newest state of every bank: newest first, each snapshot not
     covered by a newer one already loaded is loaded and verified. A snapshot that fails is
@@ -295,6 +325,7 @@ def load_latest(directory: Path, keep_going: bool = False) -> Startup:
             if not keep_going:
                 break
     found.loaded.reverse()
+    update_unloadable(directory, found.failed, (done.summary.name for done in found.loaded))
     return found
 
 
@@ -315,14 +346,14 @@ def pinned(summaries: Iterable[Summary]) -> set[str]:
     return {name for s in newest.values() for name in (s.name, s.retain) if name}
 
 
-def prunable(summaries: list[Summary], prefix: str, keep: int, good: set[str], bad: set[str]) -> list[str]:
+def prunable(summaries: list[Summary], prefix: str, keep: int, good: set[str], bad: Iterable[str]) -> list[str]:
     """Snapshots of ``prefix`` that may be removed: older than the newest ``keep`` of that prefix
     known to be good, not pinned (:func:`pinned`), and never one that failed to load."""
     group = sorted((s for s in summaries if s.prefix == prefix), key=lambda s: s.seq, reverse=True)
     known = [s for s in group if s.name in good]
     if len(known) < keep:
         return []
-    cutoff, keep_too = known[keep - 1].seq, pinned(summaries) | bad
+    cutoff, keep_too = known[keep - 1].seq, pinned(summaries) | set(bad)
     return [s.name for s in group if s.seq < cutoff and s.name not in keep_too]
 
 
@@ -349,7 +380,7 @@ class Snapshotter:
         self._waiters = 0
         self._stopping = False
         self._good: set[str] = set()  # written or verified in full by this process
-        self._bad: set[str] = set()  # failed to load: never pruned
+        self._bad: dict[str, str] = read_unloadable(directory)  # failed to load: never pruned
         self._summaries: dict[str, Summary | str] = {}  # name -> summary, or why its manifest fails
         self.last: dict[str, Any] | None = None
         self.written = self.failures = self.coalesced = 0
@@ -439,9 +470,11 @@ class Snapshotter:
             try:
                 loaded = load(path)
             except SnapshotError as exc:
-                self._bad.add(name)
+                self._bad = update_unloadable(self.directory, {name: str(exc)})
                 raise BankError(ErrorCode.BAD_ARGUMENT, f"snapshot {name} does not verify: {exc}") from None
             self._good.add(name)
+            if name in self._bad:
+                self._bad = update_unloadable(self.directory, {}, [name])
             return loaded
 
     def listing(self) -> list[dict[str, Any]]:
@@ -455,7 +488,7 @@ class Snapshotter:
                 entry = known.to_wire(now) if isinstance(known, Summary) else {"name": path.name, "error": known}
                 entry["verified"] = path.name in self._good
                 if path.name in self._bad:
-                    entry.setdefault("error", "failed to load; never pruned")
+                    entry.setdefault("error", f"failed to load, never pruned: {self._bad[path.name]}")
                 out.append(entry)
             pins = pinned(s for s in self._summaries.values() if isinstance(s, Summary))
             for entry in out:

@@ -382,10 +382,17 @@ def test_a_server_that_cannot_restore_refuses_to_start_and_never_prunes_it(tmp_p
     finally:
         stop_server(proc)
     assert proc.returncode == 0
-    assert good.is_dir()  # never pruned
-    hidden.rename(good / "bank-000.npy")
-    banks, _ = snapshots.read(good)
-    assert {b.config.name for b in banks} == {"feat/7", "feat/8"}
+    proc, address = start_server(tmp_path, "--snapshot-dir", str(snap_dir), "--snapshot-keep", "1")
+    try:  # a later server, which never tried it, does not prune it either (unloadable.json)
+        with connect(address) as bank:
+            for _ in range(2):
+                bank.snapshot()
+            assert good.is_dir()
+            hidden.rename(good / "bank-000.npy")  # the mount is back
+            assert set(bank.restore(good.name)["banks"]) == {"feat/7", "feat/8"}
+    finally:
+        stop_server(proc)
+    assert snapshots.read_unloadable(snap_dir) == {}  # loaded: off the record, an old snapshot like any other
 
 
 @pytest.mark.parametrize("edit", ["momentum", "counter", "dedup table", "no checksum file"])
