@@ -32,6 +32,7 @@ from bank_server import snapshot as snapshots
 from bank_server.dedup import MUTATING_OPS, RecentRequests, Seen
 from bank_server.dispatch import Dispatcher, Job
 from bank_server.metrics import ServerMetrics
+from fgc_bank.bank import MemoryBank
 from fgc_bank.errors import BankError, ErrorCode
 from fgc_bank.frames import NOBLOCK, readable, recv_frames, send_frames
 from fgc_bank.protocol import (
@@ -316,7 +317,7 @@ class BankServer:
             logger.info("no snapshot to restore in %s", directory)
         return startup
 
-    def _install(self, banks: list, prefix: str, table: Any) -> None:
+    def _install(self, banks: list[MemoryBank], prefix: str, table: Any) -> None:
         """Replace the banks under ``prefix`` (every bank for "") by ``banks``; restore the dedup
         table only when given (a restore of every bank), so a scoped restore leaves other runs'
         request records alone."""

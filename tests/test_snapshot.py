@@ -343,6 +343,29 @@ def test_concurrent_snapshot_requests_share_one_write(tmp_path: Path) -> None:
     assert snapper.written == 3 and snapper.coalesced == 19
 
 
+def test_waiting_snapshot_requests_are_bounded_and_answered_busy_beyond(tmp_path: Path) -> None:
+    """Item 9: distinct waiting snapshots are bounded (each is a write); beyond, busy."""
+    release = threading.Event()
+    snapper = snapshots.Snapshotter(tmp_path, lambda action: release.wait(30) and action(),
+                                    lambda p, r: snapshots.capture({}, {}, p, r), keep=50)
+    answers: list[Any] = []
+    try:
+        for i in range(snapshots.MAX_PENDING_SCOPES + 1):  # the first is taken at once, then blocks
+            snapper.submit(f"run{i}/", None, answers.append)
+            if i == 0:
+                while snapper._pending:
+                    time.sleep(0.01)
+        with pytest.raises(BankError) as info:
+            snapper.submit("one-too-many/", None, answers.append)
+        assert info.value.code is ErrorCode.BUSY
+        snapper.submit("run5/", None, answers.append)  # joins a waiting one: no new write
+        release.set()
+    finally:
+        snapper.stop()
+    assert len(answers) == snapshots.MAX_PENDING_SCOPES + 2 and all(isinstance(a, dict) for a in answers)
+    assert snapper.written == snapshots.MAX_PENDING_SCOPES + 1
+
+
 def test_a_burst_of_snapshot_requests_on_a_server_writes_few_snapshots(tmp_path: Path) -> None:
     """Item 9, on a real server: 60 snapshot requests at once -> every one answered, few written."""
     proc, address = start_server(tmp_path, "--snapshot-dir", str(tmp_path / "snaps"), "--snapshot-keep", "100")
