@@ -51,6 +51,15 @@ class StatsCollector:
         snap = stats.get("snapshot")
         if snap is not None:
             yield GaugeMetricFamily("fgc_bank_snapshot_age_seconds", "Age of the last snapshot", value=snap["age_s"])
+        if "snapshot_failures" in stats:  # a server with --snapshot-dir
+            yield CounterMetricFamily("fgc_bank_snapshots_written", "Snapshots written",
+                                      value=stats.get("snapshots_written", 0))
+            yield CounterMetricFamily("fgc_bank_snapshot_failures", "Snapshots that could not be written "
+                                      "(disk full, directory not writable)", value=stats["snapshot_failures"])
+        failure = stats.get("snapshot_last_failure")
+        if failure is not None:
+            yield GaugeMetricFamily("fgc_bank_snapshot_last_failure_timestamp_seconds",
+                                    "When the last snapshot failed (Unix time)", value=failure["time"])
 
 
 def serve_metrics(stats: Callable[[], dict[str, Any]], port: int, host: str = "127.0.0.1") -> int:

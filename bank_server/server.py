@@ -33,12 +33,14 @@ from bank_server.dedup import MUTATING_OPS, RecentRequests, Seen, digest
 from bank_server.delivery import Delivery
 from bank_server.dispatch import Dispatcher, Job
 from bank_server.metrics import ServerMetrics
+from fgc_bank.bank import MemoryBank
 from fgc_bank.errors import BankError, ErrorCode
 from fgc_bank.frames import NOBLOCK, readable, recv_bounded, send_frames
 from fgc_bank.protocol import (
     MAX_ARRAYS,
     MAX_FRAME_BYTES,
     MAX_HEADER_BYTES,
+    MAX_NAME_CHARS,
     Reply,
     Request,
     decode_request,
@@ -51,8 +53,8 @@ from fgc_bank.service import BankService, Limits
 logger = logging.getLogger(__name__)
 
 INLINE_OPS = frozenset({"hello", "stats"})
-ADMIN_OPS = frozenset({"snapshot", "restore"})  # slow and global: run on the admin thread
-MAX_ADMIN_JOBS = 8  # snapshot/restore requests waiting for the admin thread before 'busy'
+ADMIN_OPS = frozenset({"snapshot", "restore", "snapshots"})  # disk work: run on the admin thread
+MAX_ADMIN_JOBS = 8  # restore/snapshots requests waiting for the admin thread before 'busy'
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,8 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     snapshot_dir: Path | None = None
     snapshot_every: float = 0.0  # seconds; 0: only on request and at shutdown
-    snapshot_keep: int = 3
+    snapshot_keep: int = 3  # per prefix (see bank_server.snapshot.prunable)
+    skip_unloadable_snapshots: bool = False  # start even if the newest snapshot of a prefix fails to load
     curve_secret: Path | None = None  # the server's secret key file: enables CURVE
     curve_clients: Path | None = None  # directory of authorised clients' public key files
 
@@ -110,7 +113,14 @@ class BankServer:
             raise BankError(ErrorCode.BAD_ARGUMENT, f"cannot bind {config.bind_address}: {exc}") from None
         self.address = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         set_threads(config.faiss_threads)
-        self.restored = self._restore_latest()
+        self.shutdown_error: str | None = None  # why the final snapshot failed: serve exits non-zero
+        try:
+            startup = self._restore_latest()
+        except BaseException:
+            self.close()
+            raise
+        names = [done.summary.name for done in startup.loaded] if startup is not None else []
+        self.restored = ", ".join(names) or None  # the snapshots restored at start, oldest first
         self.service.extra_stats = self._server_stats
         self.dispatcher = Dispatcher(self.service, self._respond, config.workers, config.max_queue,
                                      config.coalesce_wait_s, config.max_queued_bytes)
@@ -119,6 +129,7 @@ class BankServer:
         if config.snapshot_dir is not None:
             self.snapshotter = snapshots.Snapshotter(config.snapshot_dir, self.dispatcher.barrier, self._capture,
                                                      config.snapshot_every, config.snapshot_keep)
+            self.snapshotter.remember(startup)
 
     def _configure_router(self, config: ServerConfig) -> None:
         router = self._router
@@ -167,8 +178,11 @@ class BankServer:
             self.snapshotter.stop()
             try:
                 self.snapshotter.snapshot()
-            except Exception:
+            except BankError as exc:
+                self.shutdown_error = f"the final snapshot failed: {exc.message}"
+            except Exception as exc:
                 logger.exception("final snapshot failed")
+                self.shutdown_error = f"the final snapshot failed: {exc.__class__.__name__}: {exc}"
         self.close()
         logger.info("stopped")
 
@@ -268,7 +282,11 @@ class BankServer:
         return request, False  # a read no longer remembered, or from a client not tracked: run it
 
     def _submit_admin(self, job: Job) -> None:
-        """Queue a snapshot or restore for the admin thread, at most MAX_ADMIN_JOBS at a time."""
+        """Queue a restore or a listing for the admin thread, at most MAX_ADMIN_JOBS at a time.
+        A snapshot request is only handed to the snapshotter, which bounds its own waiting ones."""
+        if job.request.op == "snapshot":
+            self._run_admin(job)
+            return
         with self._admin_lock:
             if self._admin_jobs >= MAX_ADMIN_JOBS:
                 raise BankError(ErrorCode.BUSY, f"{MAX_ADMIN_JOBS} snapshot or restore requests are "
@@ -301,54 +319,87 @@ class BankServer:
         return Request("create", request.bank, args, {}, request.id, request.client), False
 
     def _run_admin(self, job: Job) -> None:
-        """snapshot / restore, on the admin thread so the socket loop keeps serving."""
+        """snapshot / restore / snapshots, on the admin thread so the socket loop keeps serving.
+        A snapshot request is handed to the snapshotter, which answers it from its own thread
+        (with the other requests it shares a write with)."""
+        request = job.request
         try:
-            if self.snapshotter is None:
+            if request.op == "snapshots":
+                reply = Reply(request.id, result=self._snapshot_listing())
+            elif self.snapshotter is None:
                 raise BankError(ErrorCode.BAD_ARGUMENT, "this server has no snapshot directory; "
                                 "start it with --snapshot-dir DIR")
-            if job.request.op == "snapshot":
-                reply = Reply(job.request.id, result=self.snapshotter.snapshot())
+            elif request.op == "snapshot":
+                prefix, retain = _scope(request.args.get("prefix", "")), _retained(request.args.get("retain"))
+                self.snapshotter.submit(prefix, retain, lambda outcome: self._respond([(job, _answer(request.id, outcome))]))
+                return
             else:
-                reply = Reply(job.request.id, result=self._restore(str(job.request.args["name"])))
+                prefix = request.args.get("prefix")
+                reply = Reply(request.id, result=self._restore(str(request.args["name"]),
+                                                                None if prefix is None else _scope(prefix)))
         except BankError as exc:
-            reply = Reply(job.request.id, error=exc)
+            reply = Reply(request.id, error=exc)
         except Exception as exc:
-            logger.exception("%s failed", job.request.op)
-            reply = Reply(job.request.id, error=BankError(ErrorCode.INTERNAL, f"{exc.__class__.__name__}: {exc}"))
+            logger.exception("%s failed", request.op)
+            reply = Reply(request.id, error=BankError(ErrorCode.INTERNAL, f"{exc.__class__.__name__}: {exc}"))
         self._respond([(job, reply)])
 
-    def _capture(self) -> snapshots.Capture:
-        return snapshots.capture(self.service.banks, self.recent.export())
+    def _snapshot_listing(self) -> dict[str, Any]:
+        if self.snapshotter is None:
+            return {"directory": None, "snapshots": []}
+        return {"directory": str(self.config.snapshot_dir), "keep": self.config.snapshot_keep,
+                "snapshots": self.snapshotter.listing()}
 
-    def _restore_latest(self) -> str | None:
-        if self.config.snapshot_dir is None:
+    def _capture(self, prefix: str = "", retain: str | None = None) -> snapshots.Capture:
+        return snapshots.capture(self.service.banks, self.recent.export(), prefix, retain)
+
+    def _restore_latest(self) -> snapshots.Startup | None:
+        """At start: install the newest snapshot of every bank, or refuse to start (BankError
+        SNAPSHOT_FAILED, one line) if one could not be loaded, unless told to skip it."""
+        directory = self.config.snapshot_dir
+        if directory is None:
             return None
-        found = snapshots.load_latest(self.config.snapshot_dir)
-        if found is None:
-            logger.info("no snapshot to restore in %s", self.config.snapshot_dir)
-            return None
-        banks, manifest = found
-        self._install(banks, manifest)
-        name = f"{snapshots.PREFIX}{manifest['seq']:08d}"
-        logger.info("restored %s: %s", name, ", ".join(f"{b.config.name} ({b.config.rows} x {b.config.dim})" for b in banks))
-        return name
-
-    def _install(self, banks: list, manifest: dict[str, Any]) -> None:
-        self.service.replace_banks(banks)
-        self.recent.restore(manifest.get("applied_requests", {}))
-
-    def _restore(self, name: str) -> dict[str, Any]:
-        """Replace every bank by snapshot ``name`` (verified first), with the workers paused."""
-        path = self.config.snapshot_dir / name
-        if not name.startswith(snapshots.PREFIX) or "/" in name or not path.is_dir():
-            raise BankError(ErrorCode.BAD_ARGUMENT, f"no snapshot named {name!r} in {self.config.snapshot_dir}")
         try:
-            banks, manifest = snapshots.read(path)
-        except snapshots.SnapshotError as exc:
-            raise BankError(ErrorCode.BAD_ARGUMENT, f"snapshot {name} does not verify: {exc}") from None
-        self.dispatcher.barrier(lambda: self._install(banks, manifest))
-        logger.info("restored %s on request", name)
-        return {"name": name, "banks": {b.config.name: b.info() for b in banks}}
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BankError(ErrorCode.SNAPSHOT_FAILED, f"cannot use --snapshot-dir {directory}: {exc}") from None
+        skip = self.config.skip_unloadable_snapshots
+        startup = snapshots.load_latest(directory, keep_going=skip)
+        if startup.failed and not skip:
+            name, why = next(iter(startup.failed.items()))
+            raise BankError(ErrorCode.SNAPSHOT_FAILED, f"cannot restore {name} from {directory} ({why}); fix it "
+                            "or move it away, or start with --skip-unloadable-snapshots to serve without it")
+        for done in startup.loaded:
+            self._install(done.banks, done.summary.prefix, None)
+            logger.info("restored %s (prefix %r): %s", done.summary.name, done.summary.prefix,
+                        ", ".join(f"{b.config.name} ({b.config.rows} x {b.config.dim})" for b in done.banks) or "no banks")
+        if startup.loaded:  # the newest dedup table: it knows the most recent requests
+            self.recent.restore(startup.loaded[-1].manifest.get("applied_requests", {}))
+        elif not startup.failed:
+            logger.info("no snapshot to restore in %s", directory)
+        return startup
+
+    def _install(self, banks: list[MemoryBank], prefix: str, table: Any) -> None:
+        """Replace the banks under ``prefix`` (every bank for "") by ``banks``; restore the dedup
+        table only when given (a restore of every bank), so a scoped restore leaves other runs'
+        request records alone."""
+        self.service.replace_banks(banks, prefix)
+        if table is not None:
+            self.recent.restore(table)
+
+    def _restore(self, name: str, prefix: str | None) -> dict[str, Any]:
+        """Replace the banks under ``prefix`` (default: the snapshot's own prefix) by those of
+        snapshot ``name`` (verified first), with the workers paused; other banks are untouched."""
+        loaded = self.snapshotter.load(name)
+        scope = loaded.summary.prefix if prefix is None else prefix
+        if not snapshots.covers(loaded.summary.prefix, scope):
+            raise BankError(ErrorCode.BAD_ARGUMENT, f"snapshot {name} holds only the banks under "
+                            f"{loaded.summary.prefix!r}; it cannot restore those under {scope!r}")
+        banks = [b for b in loaded.banks if b.config.name.startswith(scope)]
+        table = loaded.manifest.get("applied_requests", {}) if scope == "" else None
+        self.dispatcher.barrier(lambda: self._install(banks, scope, table))
+        logger.info("restored %s (prefix %r) on request", name, scope)
+        return {"name": name, "prefix": scope, "banks": {b.config.name: b.info() for b in banks}}
 
     def _send(self, peer: Any, reply: Reply, op: str) -> None:
         self.metrics.observe(op, reply.error, 0.0)
@@ -377,14 +428,13 @@ class BankServer:
                 pass
 
     def _server_stats(self) -> dict[str, Any]:
-        last = self.snapshotter.last if self.snapshotter is not None else None
         return {"address": self.address, "queue_depth": self.dispatcher.queue_depth(),
                 "batches": self.dispatcher.batches, "coalesced_requests": self.dispatcher.coalesced,
                 "coalesce_wait_s": self.dispatcher.waited_s,
                 "copies_seen": self.recent.copies_seen, "restored_from": self.restored,
                 "held_bytes": {"banks": self.service.held_bytes(), "queued_requests": self.dispatcher.queued_bytes,
                                "unread_replies": self.delivery.held(), "dedup_table": self.recent.held_bytes()},
-                "snapshot": None if last is None else {"name": last["name"], "age_s": time.time() - last["time"]},
+                **(self.snapshotter.stats() if self.snapshotter is not None else {"snapshot": None}),
                 **self.metrics.summary()}
 
     def close(self) -> None:
@@ -397,3 +447,22 @@ class BankServer:
             os.close(fd)
         if self._auth is not None:
             self._auth.stop()
+
+
+def _scope(prefix: Any) -> str:
+    """A snapshot or restore ``prefix`` argument, checked (bank names are at most MAX_NAME_CHARS)."""
+    if not isinstance(prefix, str) or len(prefix) > MAX_NAME_CHARS:
+        raise BankError(ErrorCode.BAD_ARGUMENT, f"prefix must be a string of at most {MAX_NAME_CHARS} characters")
+    return prefix
+
+
+def _retained(retain: Any) -> str | None:
+    """A snapshot's ``retain`` argument: "" or the name of a snapshot (None: not a paired snapshot)."""
+    if retain is None or retain == "" or (isinstance(retain, str) and snapshots.NAME_RE.fullmatch(retain)):
+        return retain
+    raise BankError(ErrorCode.BAD_ARGUMENT, f"retain must be '' or a snapshot name such as snapshot-00000001, "
+                    f"got {str(retain)[:80]!r}")
+
+
+def _answer(rid: int, outcome: snapshots.Outcome) -> Reply:
+    return Reply(rid, error=outcome) if isinstance(outcome, BankError) else Reply(rid, result=outcome)

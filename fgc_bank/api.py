@@ -142,13 +142,29 @@ class BankHandle(abc.ABC):
         request = Request("sample", name, {"m": int(m), "seed": int(seed)})
         return self._call(request, lambda r: (r.arrays["ids"], r.arrays["rows"]))
 
-    def snapshot(self) -> dict[str, Any]:
-        """Ask the server to write a snapshot now; returns where and what."""
-        return self._call(Request("snapshot"), lambda r: r.result)
+    def snapshot(self, prefix: str | None = None, *, retain: str | None = None) -> dict[str, Any]:
+        """Ask the server to write a snapshot now; returns where and what.
 
-    def restore(self, name: str) -> dict[str, Any]:
-        """Replace every bank on the server by snapshot ``name`` (as recorded in a checkpoint)."""
-        return self._call(Request("restore", None, {"name": name}), lambda r: r.result)
+        ``prefix``: only the banks whose names start with it (end it with "/": "feat/"), so the
+        snapshot and its restore concern one run; None: every bank. ``retain``: makes this a
+        paired snapshot (for a checkpoint about to name it) and names the snapshot the caller's
+        current checkpoint names ("" if none); the server keeps both until the next paired
+        snapshot of this prefix."""
+        args: dict[str, Any] = {} if prefix is None else {"prefix": prefix}
+        if retain is not None:
+            args["retain"] = retain
+        return self._call(Request("snapshot", None, args), lambda r: r.result)
+
+    def restore(self, name: str, prefix: str | None = None) -> dict[str, Any]:
+        """Put back the banks of snapshot ``name`` (as recorded in a checkpoint): those under
+        ``prefix`` are replaced (default: the snapshot's own prefix, "" = every bank); every
+        other bank on the server is left as it is."""
+        args: dict[str, Any] = {"name": name} if prefix is None else {"name": name, "prefix": prefix}
+        return self._call(Request("restore", None, args), lambda r: r.result)
+
+    def snapshots(self) -> dict[str, Any]:
+        """The server's snapshot directory and the snapshots in it (prefix, age, banks), newest first."""
+        return self._call(Request("snapshots"), lambda r: r.result)
 
 
 def connect(address: str, timeout: float = DEFAULT_TIMEOUT_S, **options: Any) -> BankHandle:

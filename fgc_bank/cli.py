@@ -1,4 +1,4 @@
-"""The ``fgc-bank`` command line: serve, info, snapshot, keys, bench.
+"""The ``fgc-bank`` command line: serve, info, ls, snapshot, restore, drop, keys, bench.
 
 Heavy imports (torch, faiss, the server, the benchmarks) happen inside each command, so ``--help``
 is instant; ``bench`` is loaded from ``benchmarks.cli`` only when it is run (click's LazyGroup).
@@ -91,7 +91,13 @@ def main(log_level: str) -> None:
                    "on request, every --snapshot-every seconds, and at shutdown.")
 @click.option("--snapshot-every", type=click.FloatRange(0), default=0.0,
               help="Seconds between periodic snapshots; 0 = only on request and at shutdown.")
-@click.option("--snapshot-keep", type=click.IntRange(1), default=3, help="Snapshots kept; older ones are pruned.")
+@click.option("--snapshot-keep", type=click.IntRange(1), default=3,
+              help="Snapshots kept per prefix; older ones are pruned (never one that failed to load, "
+                   "nor one a run's checkpoint pairs with).")
+@click.option("--skip-unloadable-snapshots", is_flag=True, default=False,
+              help="Start even when the newest snapshot of some prefix cannot be loaded: restore the "
+                   "newest ones that load (or nothing). Without it such a server refuses to start. "
+                   "Unloadable snapshots are left on disk, never pruned.")
 @click.option("--curve-secret", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="The server's secret key file (from `fgc-bank keys`): turns on CURVE encryption "
                    "and authentication.")
@@ -102,8 +108,8 @@ def main(log_level: str) -> None:
 def serve(host: str, port: int, endpoint: str | None, workers: int, faiss_threads: int, coalesce_wait_ms: float,
           max_queue: int, max_batch: int, max_frame_mib: float, max_bank_gib: float, max_total_gib: float | None,
           max_queued_mib: float, max_unread_mib: float, address_file: Path | None,
-          snapshot_dir: Path | None, snapshot_every: float, snapshot_keep: int, curve_secret: Path | None,
-          curve_clients: Path | None, metrics_port: int | None) -> None:
+          snapshot_dir: Path | None, snapshot_every: float, snapshot_keep: int, skip_unloadable_snapshots: bool,
+          curve_secret: Path | None, curve_clients: Path | None, metrics_port: int | None) -> None:
     """Serve memory banks over ZeroMQ until Ctrl-C or SIGTERM."""
     from bank_server.server import BankServer, ServerConfig
     from fgc_bank.errors import BankError
@@ -119,7 +125,7 @@ def serve(host: str, port: int, endpoint: str | None, workers: int, faiss_thread
                           max_frame_bytes=int(max_frame_mib * 2**20), limits=limits,
                           max_queued_bytes=int(max_queued_mib * 2**20), max_unread_bytes=int(max_unread_mib * 2**20),
                           snapshot_dir=snapshot_dir, snapshot_every=snapshot_every, snapshot_keep=snapshot_keep,
-                          curve_secret=curve_secret, curve_clients=curve_clients)
+                          skip_unloadable_snapshots=skip_unloadable_snapshots, curve_secret=curve_secret, curve_clients=curve_clients)
     try:
         server = BankServer(config)
     except BankError as exc:
@@ -137,6 +143,8 @@ def serve(host: str, port: int, endpoint: str | None, workers: int, faiss_thread
     click.echo(f"fgc-bank serving on {server.address}", err=False)
     sys.stdout.flush()
     server.serve_forever()
+    if server.shutdown_error is not None:  # the banks' last state is not on disk: say so in the exit code
+        raise click.ClickException(server.shutdown_error)
 
 
 def _open(address: str, timeout: float, curve_secret: Path | None, curve_server: Path | None) -> Any:
@@ -160,12 +168,13 @@ def client_options(command: Any) -> Any:
                         help="Seconds to wait for the server.")(command)
 
 
-def _call(address: str, timeout: float, curve_secret: Path | None, curve_server: Path | None, method: str) -> Any:
+def _call(address: str, timeout: float, curve_secret: Path | None, curve_server: Path | None, method: str,
+          *args: Any, **kwargs: Any) -> Any:
     from fgc_bank.errors import BankError
 
     with _open(address, timeout, curve_secret, curve_server) as bank:
         try:
-            return getattr(bank, method)()
+            return getattr(bank, method)(*args, **kwargs)
         except BankError as exc:
             raise click.ClickException(exc.message) from None
 
@@ -197,10 +206,87 @@ def info(address: str, timeout: float, curve_secret: Path | None, curve_server: 
 @main.command()
 @click.argument("address")
 @client_options
-def snapshot(address: str, timeout: float, curve_secret: Path | None, curve_server: Path | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the banks and snapshots as JSON.")
+def ls(address: str, timeout: float, curve_secret: Path | None, curve_server: Path | None, as_json: bool) -> None:
+    """List the banks of the server at ADDRESS, and the snapshots in its --snapshot-dir."""
+    with _open(address, timeout, curve_secret, curve_server) as bank:
+        from fgc_bank.errors import BankError
+
+        try:
+            banks, found = bank.hello()["banks"], bank.snapshots()
+        except BankError as exc:
+            raise click.ClickException(exc.message) from None
+    if as_json:
+        click.echo(json.dumps({"banks": banks, **found}, indent=2, sort_keys=True))
+        return
+    click.echo(f"{'bank':<24} {'rows':>10} {'dim':>5} {'momentum':>8} {'updates':>9}")
+    for name, b in sorted(banks.items()):
+        click.echo(f"{name:<24} {b['rows']:>10} {b['dim']:>5} {b['momentum']:>8.3g} {b['updates']:>9}")
+    if found["directory"] is None:
+        click.echo("no snapshot directory (the server was started without --snapshot-dir)")
+        return
+    click.echo(f"snapshots in {found['directory']} (newest first):")
+    click.echo(f"  {'name':<20} {'prefix':<16} {'age':>10} {'banks':>5}  notes")
+    for snap in found["snapshots"]:
+        click.echo("  " + _snapshot_line(snap))
+
+
+def _snapshot_line(snap: dict[str, Any]) -> str:
+    """One line of ``ls``: name, prefix ("*" for every bank), age, bank count and its state."""
+    if "prefix" not in snap:
+        return f"{snap['name']:<20} {'?':<16} {'?':>10} {'?':>5}  unreadable: {snap['error']}"
+    notes = [n for n, on in (("pinned", snap["pinned"]), ("verified", snap["verified"])) if on]
+    if snap.get("error"):
+        notes.append(snap["error"])
+    return (f"{snap['name']:<20} {snap['prefix'] or '*':<16} {_age(snap['age_s']):>10} {len(snap['banks']):>5}  "
+            + ", ".join(notes))
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+@main.command()
+@click.argument("address")
+@client_options
+@click.option("--prefix", default=None,
+              help="Only the banks whose names start with this (end it with '/', e.g. 'feat/'); a "
+                   "restore of this snapshot then touches only those. Default: every bank.")
+def snapshot(address: str, timeout: float, curve_secret: Path | None, curve_server: Path | None,
+             prefix: str | None) -> None:
     """Make the server at ADDRESS write a snapshot now (it needs --snapshot-dir)."""
-    result = _call(address, timeout, curve_secret, curve_server, "snapshot")
-    click.echo(f"{result['name']}  {result['path']}  ({len(result['banks'])} banks, {result['seconds']:.2f} s)")
+    result = _call(address, timeout, curve_secret, curve_server, "snapshot", prefix)
+    scope = f"prefix {result['prefix']!r}" if result.get("prefix") else "every bank"
+    click.echo(f"{result['name']}  {result['path']}  ({len(result['banks'])} banks, {scope}, "
+               f"{result['seconds']:.2f} s)")
+
+
+@main.command()
+@click.argument("address")
+@click.argument("name")
+@client_options
+@click.option("--prefix", default=None,
+              help="Replace only the banks whose names start with this; default: the snapshot's own "
+                   "prefix (every bank for a snapshot of every bank).")
+def restore(address: str, name: str, timeout: float, curve_secret: Path | None, curve_server: Path | None,
+            prefix: str | None) -> None:
+    """Put back the banks of snapshot NAME on the server at ADDRESS; banks outside its prefix
+    are left as they are."""
+    result = _call(address, timeout, curve_secret, curve_server, "restore", name, prefix)
+    click.echo(f"restored {result['name']}: {len(result['banks'])} banks under {result['prefix'] or 'every name'!r}")
+
+
+@main.command()
+@click.argument("address")
+@click.argument("name")
+@client_options
+def drop(address: str, name: str, timeout: float, curve_secret: Path | None, curve_server: Path | None) -> None:
+    """Delete bank NAME and its rows on the server at ADDRESS (snapshots on disk keep theirs)."""
+    _call(address, timeout, curve_secret, curve_server, "drop", name)
+    click.echo(f"dropped {name}")
 
 
 @main.command()

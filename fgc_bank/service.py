@@ -147,6 +147,8 @@ class BankService:
             return Reply(rid, result=self.create(request.bank, args))
         if op in ("snapshot", "restore"):  # a server with --snapshot-dir handles these itself
             raise BankError(ErrorCode.BAD_ARGUMENT, f"{op} needs a server started with --snapshot-dir")
+        if op == "snapshots":
+            return Reply(rid, result={"directory": None, "snapshots": []})
         if op == "drop":
             with self._lock:
                 self.bank(request.bank)
@@ -199,10 +201,17 @@ class BankService:
         """Memory all banks take."""
         return sum(b.config.nbytes() for b in list(self.banks.values()))
 
-    def replace_banks(self, banks: Sequence[MemoryBank]) -> None:
-        """Install banks built elsewhere (a restored snapshot) in place of all current ones."""
+    def replace_banks(self, banks: Sequence[MemoryBank], prefix: str = "") -> None:
+        """Install banks built elsewhere (a restored snapshot) in place of the current ones whose
+        names start with ``prefix`` (all of them for ""); other banks stay as they are."""
+        if any(not bank.config.name.startswith(prefix) for bank in banks):
+            raise BankError(ErrorCode.BAD_ARGUMENT, f"a restored bank lies outside the prefix {prefix!r}")
         with self._lock:
-            self.banks = {bank.config.name: bank for bank in banks}
+            kept = {n: b for n, b in self.banks.items() if not n.startswith(prefix)}
+            if len(kept) + len(banks) > self.limits.max_banks:
+                raise BankError(ErrorCode.TOO_LARGE, f"restoring {len(banks)} banks beside the {len(kept)} "
+                                f"others would pass this server's limit of {self.limits.max_banks} banks")
+            self.banks = {**kept, **{bank.config.name: bank for bank in banks}}
 
     def stats(self) -> dict[str, Any]:
         """Banks and their counters, plus whatever the host (the server) adds."""

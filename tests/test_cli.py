@@ -60,3 +60,44 @@ def test_serve_stops_cleanly_on_sigterm(tmp_path) -> None:
 def test_module_entry_point_runs() -> None:
     out = subprocess.run([sys.executable, "-m", "fgc_bank.cli", "--help"], capture_output=True, text=True, check=True)
     assert "serve" in out.stdout and "info" in out.stdout
+
+
+def test_ls_snapshot_restore_and_drop_with_prefixes(tmp_path) -> None:
+    """`fgc-bank ls`, `snapshot --prefix`, `restore --prefix` and `drop` on a server with a
+    snapshot directory: a scoped snapshot and its restore leave the other run's bank alone."""
+    proc, address = start_server(tmp_path, "--snapshot-dir", str(tmp_path / "snaps"))
+    try:
+        with connect(address) as bank:
+            bank.create("runA/7", 300, 8, momentum=0.25)
+            bank.create("runB/7", 200, 4)
+            bank.update("runA/7", np.arange(3), np.ones((3, 8), np.float32))
+        runner = CliRunner()
+        result = runner.invoke(main, ["snapshot", address, "--prefix", "runA/"])
+        assert result.exit_code == 0 and "prefix 'runA/'" in result.output, result.output
+        name = result.output.split()[0]
+        result = runner.invoke(main, ["ls", address])
+        assert result.exit_code == 0, result.output
+        lines = result.output.splitlines()
+        assert next(l for l in lines if l.startswith("runA/7")).split()[1:5] == ["300", "8", "0.25", "1"]
+        snap = next(l for l in lines if name in l).split()
+        assert snap[:2] == [name, "runA/"] and snap[-2:] == ["1", "verified"]  # 1 bank, written here
+        listed = json.loads(runner.invoke(main, ["ls", address, "--json"]).output)
+        assert listed["snapshots"][0]["prefix"] == "runA/" and set(listed["banks"]) == {"runA/7", "runB/7"}
+        result = runner.invoke(main, ["drop", address, "runA/7"])
+        assert result.exit_code == 0 and "dropped runA/7" in result.output
+        result = runner.invoke(main, ["drop", address, "runA/7"])
+        assert result.exit_code == 1 and "no bank named" in result.output
+        result = runner.invoke(main, ["restore", address, name, "--prefix", "runB/"])
+        assert result.exit_code == 1 and "only the banks under 'runA/'" in result.output
+        result = runner.invoke(main, ["restore", address, name])
+        assert result.exit_code == 0 and "1 banks under 'runA/'" in result.output, result.output
+        with connect(address) as bank:
+            assert set(bank.hello()["banks"]) == {"runA/7", "runB/7"} and bank.info("runA/7")["updates"] == 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30 * TIME_FACTOR)
+
+
+def test_ls_on_a_server_without_snapshots(server: str) -> None:
+    result = CliRunner().invoke(main, ["ls", server])
+    assert result.exit_code == 0 and "no snapshot directory" in result.output

@@ -127,8 +127,10 @@ class FeatureBanks:
     Use :meth:`open` to build one; it creates (or joins) the banks and checks their shape.
     """
 
-    def __init__(self, client: BankHandle, names: dict[int, str], k: int) -> None:
+    def __init__(self, client: BankHandle, names: dict[int, str], k: int, scope: str = "") -> None:
         self.client, self.names, self.k = client, names, k
+        self.scope = scope  # "prefix/": this run's snapshots and restores touch only its banks
+        self.paired: str = ""  # the snapshot the run's checkpoint names ("" before the first)
 
     @classmethod
     def open(cls, client: BankHandle, prefix: str, dims: dict[int, int], size: int,
@@ -152,7 +154,7 @@ class FeatureBanks:
             if int(info.get("updates", 0)) > 0:
                 logger.warning("bank %r at %s already holds %d updates: joining it as it is",
                                names[block], client.address, info["updates"])
-        return cls(client, names, k)
+        return cls(client, names, k, scope=f"{prefix}/")
 
     def issue(self, block: int, ids: np.ndarray, features: Tensor, search: bool
               ) -> concurrent.futures.Future[KnnResult] | None:
@@ -171,23 +173,29 @@ class FeatureBanks:
         return None
 
     def snapshot(self) -> str | None:
-        """Ask the bank server for a snapshot to pair with a checkpoint; None if it keeps none
-        (an in-process bank, or a server without --snapshot-dir)."""
+        """Ask the bank server for a snapshot of this run's banks to pair with the checkpoint
+        written next; None if it keeps none (an in-process bank, or a server without
+        --snapshot-dir). It retains the snapshot the current checkpoint names, so a crash before
+        the new checkpoint is written still finds that one (see bank_server.snapshot.pinned)."""
         try:
-            return str(self.client.snapshot()["name"])
+            name = str(self.client.snapshot(self.scope, retain=self.paired)["name"])
         except BankError as exc:
             if exc.code is ErrorCode.BAD_ARGUMENT:
                 return None
             raise TrainerError(f"the bank server at {self.client.address} failed to snapshot: {exc}") from exc
+        self.paired = name  # called only to write a checkpoint: the next call comes after it
+        return name
 
     def restore_snapshot(self, name: str) -> None:
-        """Put the server's banks back to snapshot ``name`` (the one paired with a checkpoint)."""
+        """Put this run's banks back to snapshot ``name`` (the one paired with a checkpoint),
+        leaving every other bank on the server as it is."""
         try:
-            self.client.restore(name)
+            self.client.restore(name, prefix=self.scope)
         except BankError as exc:
             raise TrainerError(f"this checkpoint pairs with bank snapshot {name}, which the server at "
                                f"{self.client.address} cannot restore ({exc.message}); start "
                                "`fgc-bank serve` with the --snapshot-dir the run used") from exc
+        self.paired = name
 
     def export_rows(self) -> dict[int, np.ndarray]:
         """Every bank's rows (N x C float32), gathered in chunks, for a checkpoint."""
