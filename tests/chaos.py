@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import TIME_FACTOR, start_server, stop_server  # noqa: E402
+from conftest import TIME_FACTOR, start_server, stop_server
 
-from fgc_bank import connect  # noqa: E402
+from fgc_bank import connect
 
 ROWS, DIM, BATCH, IN_FLIGHT = 2000, 16, 32, 8
 FAULTS = ("restart", "freeze")
