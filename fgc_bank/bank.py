@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 INITS = ("uniform", "unit")
 UPDATE_MODES = ("momentum", "overwrite")
+MAX_K = 2048  # the largest k a search answers: FAISS's GPU search stops here, so a bank on a GPU can too
 
 
 @torch.no_grad()
@@ -200,10 +201,17 @@ class MemoryBank:
             raise BankError(ErrorCode.NOT_FINITE, f"{what} contains NaN or Inf")
 
     def _check_k(self, k: int, excluding: bool) -> None:
-        limit = self.config.rows - (1 if excluding else 0)
+        rows = self.config.rows - (1 if excluding else 0)
+        limit = min(rows, MAX_K)
         if not isinstance(k, int) or not 1 <= k <= limit:
-            raise BankError(ErrorCode.BAD_K, f"k must be in [1, {limit}] for bank {self.config.name!r} "
-                            f"({self.config.rows} rows{', own id excluded' if excluding else ''}), got {k}")
+            why = f"{MAX_K} is the largest k a bank answers" if rows > MAX_K else \
+                f"{self.config.rows} rows{', own id excluded' if excluding else ''}"
+            raise BankError(ErrorCode.BAD_K, f"k must be in [1, {limit}] for bank {self.config.name!r} ({why}), got {k}")
+
+    @staticmethod
+    def _check_some(count: int, what: str) -> None:
+        if count == 0:
+            raise BankError(ErrorCode.BAD_SHAPE, f"a search needs at least one query; {what} has none")
 
     def _check_distinct(self, ids: np.ndarray) -> None:
         if ids.size > 1 and np.unique(ids).size != ids.size:
@@ -214,6 +222,7 @@ class MemoryBank:
         """Raise BankError if ``op`` is malformed for this bank; the rows are never touched."""
         if isinstance(op, Search):
             self._check_rows(op.queries, "queries", None)
+            self._check_some(op.queries.shape[0], "queries")
             if op.exclude is not None:
                 self._check_ids(op.exclude, "exclude", allow_negative=True)
                 if op.exclude.shape[0] != op.queries.shape[0]:
@@ -228,6 +237,7 @@ class MemoryBank:
             self._check_distinct(op.ids)
         elif isinstance(op, SearchUpdate):
             self._check_ids(op.ids, "ids")
+            self._check_some(op.ids.shape[0], "ids")
             self._check_rows(op.features, "features", op.ids.shape[0])
             self._check_distinct(op.ids)
             self._check_k(op.k, True)
@@ -280,6 +290,8 @@ class MemoryBank:
         return op.queries if isinstance(op, Search) else op.features
 
     def _depth(self, searches: list[Search | SearchUpdate], changes: int) -> int:
+        """How deep the run's one search goes. Internal, so not held to MAX_K: it may reach the
+        bank's size, which the search takes (its planner ends for any depth)."""
         base = max(op.k + (0 if isinstance(op, Search) and op.exclude is None else 1) for op in searches)
         if changes:  # room for the changed rows expected among each query's candidates
             base += 8 + math.ceil(4 * base * changes / self.config.rows)

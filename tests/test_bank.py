@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import assert_same_knn, brute_force_knn, momentum_oracle
 
-from fgc_bank.bank import BankConfig, MemoryBank, Search, SearchUpdate, Update, momentum_update_
+from fgc_bank.bank import MAX_K, BankConfig, MemoryBank, Search, SearchUpdate, Update, momentum_update_
 from fgc_bank.errors import BankError, ErrorCode
 
 
@@ -141,6 +141,9 @@ def test_coalesced_batch_equals_one_op_at_a_time(rows: int, rng: np.random.Gener
     (lambda: Update(np.array([3]), np.ones((1, 8), np.float32), "average"), ErrorCode.BAD_ARGUMENT),
     (lambda: SearchUpdate(np.array([3, 4]), np.ones((2, 8), np.float32), 100), ErrorCode.BAD_K),
     (lambda: SearchUpdate(np.array([3, 3]), np.ones((2, 8), np.float32), 5), ErrorCode.DUPLICATE_IDS),
+    (lambda: Search(np.zeros((0, 8), np.float32), 3), ErrorCode.BAD_SHAPE),  # no query
+    (lambda: Search(np.zeros((0, 8), np.float32), 3, np.zeros(0, np.int64)), ErrorCode.BAD_SHAPE),
+    (lambda: SearchUpdate(np.zeros(0, np.int64), np.zeros((0, 8), np.float32), 3), ErrorCode.BAD_SHAPE),
 ])
 def test_bad_ops_are_refused_and_change_nothing(op, code: ErrorCode) -> None:
     bank = make_bank(100, 8)
@@ -192,3 +195,55 @@ def test_coalesced_search_researches_when_updates_empty_its_candidates(rng: np.r
     assert calls, "the stale-candidate fallback did not run"
     assert not np.isin(got.ids, np.arange(40)).any()
     assert_same_knn(got.scores, got.ids, want.scores, want.ids)
+
+
+@pytest.mark.parametrize("excluding", [False, True])
+def test_k_above_max_k_is_refused(excluding: bool, rng: np.random.Generator) -> None:
+    """k is at most MAX_K (2048, FAISS's GPU limit) however many rows the bank has."""
+    bank = make_bank(3000, 4)
+    queries = rng.standard_normal((2, 4)).astype(np.float32)
+    ids = np.array([0, 1])
+    make = (lambda k: SearchUpdate(ids, queries, k)) if excluding else (lambda k: Search(queries, k))
+    bank.validate(make(MAX_K))
+    with pytest.raises(BankError) as info:
+        bank.validate(make(MAX_K + 1))
+    assert info.value.code is ErrorCode.BAD_K and "2048" in str(info.value)
+    before = bank.rows_np.copy()
+    result = bank.execute([make(MAX_K)])[0].knn
+    assert_same_knn(result.scores, result.ids, *brute_force_knn(before, queries, MAX_K, ids if excluding else None))
+
+
+def test_zero_queries_are_a_bad_shape_through_the_service() -> None:
+    """knn and knn_update with no queries are answered bad_shape (they once reached the planner
+    and divided by zero: internal)."""
+    from fgc_bank.protocol import Request
+    from fgc_bank.service import BankService
+
+    service = BankService()
+    service.create("b", {"rows": 100, "dim": 8})
+    empty = np.zeros((0, 8), np.float32)
+    replies = service.handle_batch("b", [
+        Request("knn", "b", {"k": 3}, {"queries": empty}, id=1),
+        Request("knn_update", "b", {"k": 3}, {"ids": np.zeros(0, np.int64), "features": empty}, id=2)])
+    assert [r.error.code for r in replies] == [ErrorCode.BAD_SHAPE, ErrorCode.BAD_SHAPE]
+    assert all("at least one query" in r.error.message for r in replies)
+
+
+def test_coalesced_run_deeper_than_5962_rows_answers_exactly(rng: np.random.Generator) -> None:
+    """A run whose updates change most of a small bank searches deeper than any k (here 2,049 +
+    8 + 4 x 2,049 x 5,000 / 8,000 = 7,180 rows): once the planner's Poisson tail spun forever
+    from that depth. The answers are those of the ops one at a time, and of the oracle."""
+    ids = rng.choice(8000, 5000, replace=False)
+    values = rng.standard_normal((5000, 8)).astype(np.float32)
+    features = rng.standard_normal((3, 8)).astype(np.float32)
+    own = np.setdiff1d(np.arange(8000), ids)[:3]
+    ops = [Update(ids, values), SearchUpdate(own, features, MAX_K)]
+    batched, serial = make_bank(8000, 8), make_bank(8000, 8)
+    assert batched._depth([ops[1]], 5000) > 5962
+    got = batched.execute(ops)[1].knn
+    serial.execute(ops[:1])
+    before = serial.rows_np.copy()
+    want = serial.execute(ops[1:])[0].knn
+    assert_same_knn(got.scores, got.ids, want.scores, want.ids)
+    assert_same_knn(got.scores, got.ids, *brute_force_knn(before, features, MAX_K, own))
+    np.testing.assert_array_equal(batched.rows_np, serial.rows_np)
