@@ -35,16 +35,53 @@ MAX_K = 2048  # the largest k a search answers: FAISS's GPU search stops here, s
 def momentum_update_(rows: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, momentum: float) -> None:
     """FGC's bank update, in place: ``rows[ids] = normalize(m * rows[ids] + (1 - m) * values)``.
 
+    Every row written has norm 1 (within rounding) for every finite input, from denormals to the
+    dtype's largest values. A mixed row that is exactly zero has no direction: it keeps its old
+    value. On a GPU the check for the rare rows that need care costs one synchronisation.
+
     Parameters
     ----------
     rows : (N, D) float tensor, updated in place.
     ids : (B,) int64 tensor of distinct row ids.
-    values : (B, D) tensor, the new features (or gate logits), not normalised.
+    values : (B, D) tensor, the new features (or gate logits), not normalised; finite.
     momentum : m in [0, 1]; 0 overwrites with the normalised values.
     """
-    mixed = rows.index_select(0, ids).mul_(momentum).add_(values.to(rows.dtype), alpha=1.0 - momentum)
-    norms = mixed.norm(dim=1, keepdim=True).clamp_min_(torch.finfo(rows.dtype).tiny)
-    rows.index_copy_(0, ids, mixed.div_(norms))
+    values = values.to(rows.dtype)
+    mixed = rows.index_select(0, ids).mul_(momentum).add_(values, alpha=1.0 - momentum)
+    norms = mixed.norm(dim=1, keepdim=True)
+    if _norms_are_safe(norms):
+        rows.index_copy_(0, ids, mixed.div_(norms))
+    else:  # a norm that over- or underflowed (or a zero mix): redo these rows the careful way
+        rows.index_copy_(0, ids, _unit_mix(rows.index_select(0, ids), values, momentum))
+
+
+def _norms_are_safe(norms: torch.Tensor) -> bool:
+    """Whether every norm is finite and so far above the dtype's smallest normal number that
+    squares lost below it (at most D of them, each under ``tiny``) cannot move it by a rounding:
+    then dividing by it normalises. True for ordinary batches: the hot path's only extra cost."""
+    if norms.numel() == 0:
+        return True
+    info = torch.finfo(norms.dtype)
+    low, high = torch.aminmax(norms)
+    return info.tiny ** 0.25 <= low.item() and high.item() <= info.max
+
+
+def _unit_mix(old: torch.Tensor, values: torch.Tensor, momentum: float) -> torch.Tensor:
+    """``normalize(m * old + (1 - m) * values)`` for any finite rows, computed in float64 (where
+    float32 inputs make no denormals, which CPUs handle far slower). Each pair is divided by its
+    largest magnitude before mixing, so the mix cannot overflow, and the mix by its own largest
+    before its norm, so its squares cannot all underflow (the largest is 1): this holds for
+    float64 rows too. Rows whose mix is zero keep ``old``."""
+    tiny = torch.finfo(torch.float64).tiny
+    top = torch.maximum(old.abs().amax(1, keepdim=True), values.abs().amax(1, keepdim=True)).double().clamp_min_(tiny)
+    mixed = values.to(torch.float64, copy=True).div_(top).mul_(1.0 - momentum)  # copies: never the caller's
+    mixed.add_(old.to(torch.float64, copy=True).div_(top), alpha=momentum)
+    peak = mixed.abs().amax(1, keepdim=True)
+    mixed.div_(peak.clamp_min(tiny))
+    unit = mixed.div_(mixed.norm(dim=1, keepdim=True)).to(old.dtype)
+    zero = peak.flatten() == 0
+    unit[zero] = old[zero]
+    return unit
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,79 @@ def test_momentum_update_function_on_torch_rows() -> None:
     np.testing.assert_allclose(rows.numpy(), momentum_oracle(before, ids.numpy(), values.numpy(), 0.9))
 
 
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def edge_values(rng: np.random.Generator, b: int, d: int) -> np.ndarray:
+    """Rows of random signs at the edges of float32: near its largest value, tiny (squares that
+    underflow), denormal, a single denormal among zeros, and ordinary."""
+    signs = np.where(rng.random((b, d)) < 0.5, -1.0, 1.0)
+    scales = np.array([F32_MAX, 3e38, 1e30, 1e-24, 1e-30, 1e-40, 1.0])[np.arange(b) % 7]
+    values = (signs * rng.uniform(0.5, 1.0, (b, d)) * scales[:, None]).astype(np.float32)
+    values[-1] = 0.0
+    values[-1, 0] = np.float32(1e-45)  # the smallest denormal
+    return values
+
+
+def assert_unit_rows_of_the_formula(after: np.ndarray, before: np.ndarray, ids: np.ndarray, values: np.ndarray,
+                                    m: float) -> None:
+    norms = np.linalg.norm(after[ids].astype(np.float64), axis=1)
+    np.testing.assert_allclose(norms, 1.0, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(after, momentum_oracle(before, ids, values, m), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("m", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("old", ["unit", "edge"])
+def test_momentum_update_gives_unit_rows_at_the_edges_of_float32(m: float, old: str, rng: np.random.Generator) -> None:
+    """Values near 3.4e38 (whose float32 norm overflows, and whose mix with huge old rows can
+    too), tiny and denormal values (whose squares underflow): every row written is a unit row in
+    the direction of the float64 formula."""
+    rows = torch.from_numpy(rng.standard_normal((40, 16)).astype(np.float32))
+    rows /= rows.norm(dim=1, keepdim=True)
+    ids = rng.choice(40, 21, replace=False)
+    if old == "edge":  # rows written verbatim (overwrite) can be anything finite
+        rows[torch.from_numpy(ids)] = torch.from_numpy(edge_values(rng, 21, 16))
+    values = edge_values(rng, 21, 16)
+    before = rows.numpy().copy()
+    momentum_update_(rows, torch.from_numpy(ids), torch.from_numpy(values), m)
+    assert_unit_rows_of_the_formula(rows.numpy(), before, ids, values, m)
+
+
+def test_momentum_update_of_float64_rows_near_their_largest_value() -> None:
+    rows = torch.full((4, 3), 1e300, dtype=torch.float64)
+    values = torch.tensor([[1.7e308, -1e308, 5e307], [1e-310, 0, 0], [1.0, 2.0, 3.0], [-1e300] * 3],
+                          dtype=torch.float64)
+    momentum_update_(rows, torch.arange(4), values, 0.5)
+    assert torch.allclose(rows[:3].norm(dim=1), torch.ones(3, dtype=torch.float64))
+    assert torch.equal(rows[3], torch.full((3,), 1e300, dtype=torch.float64))  # a zero mix: kept
+
+
+def test_momentum_update_keeps_a_row_whose_mix_is_zero(rng: np.random.Generator) -> None:
+    """normalize(0) has no direction: a row whose mix is exactly zero keeps its old value; the
+    other rows of the batch are updated as usual."""
+    bank = make_bank(50, 8)
+    before = bank.rows_np.copy()
+    values = rng.standard_normal((3, 8)).astype(np.float32)
+    values[0] = -before[4]  # 0.5 * row + 0.5 * -row == 0
+    bank.execute([Update(np.array([4, 5, 6]), values)])
+    assert np.array_equal(bank.rows_np[4], before[4])
+    assert_unit_rows_of_the_formula(np.delete(bank.rows_np, 4, 0), np.delete(before, 4, 0), np.array([4, 5]),
+                                    values[1:], 0.5)
+    zero_bank = make_bank(50, 8, momentum=0.0)
+    kept = zero_bank.rows_np[7].copy()
+    zero_bank.execute([Update(np.array([7]), np.zeros((1, 8), np.float32))])
+    assert np.array_equal(zero_bank.rows_np[7], kept)
+
+
+def test_momentum_update_at_the_edges_through_the_bank(rng: np.random.Generator) -> None:
+    bank = make_bank(100, 16, momentum=0.5)
+    ids = rng.choice(100, 21, replace=False)
+    values = edge_values(rng, 21, 16)
+    before = bank.rows_np.copy()
+    bank.execute([Update(ids, values)])
+    assert_unit_rows_of_the_formula(bank.rows_np, before, ids, values, 0.5)
+
+
 def test_overwrite_writes_rows_verbatim(rng: np.random.Generator) -> None:
     bank = make_bank(100, 4)
     values = rng.standard_normal((3, 4)).astype(np.float32)
