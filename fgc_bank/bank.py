@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 INITS = ("uniform", "unit")
 UPDATE_MODES = ("momentum", "overwrite")
 MAX_K = 2048  # the largest k a search answers: FAISS's GPU search stops here, so a bank on a GPU can too
+MAX_NORM = 2.0**63  # rows and queries have smaller norms, so every score |q.r| <= |q||r| < 2^126 is finite
 
 
 @torch.no_grad()
@@ -127,6 +128,21 @@ def _copy_note() -> str:
     return f" and its {kind} copy" if kind else ""
 
 
+def _check_values(values: np.ndarray, what: str, scored: bool) -> None:
+    """Refuse NaN and Inf, and, where ``scored``, rows of norm ``MAX_NORM`` or more. min and max
+    make no temporary the size of ``values`` (a restored bank's rows) and pass NaN on; the exact
+    norms are only computed when the largest magnitude says one could be that large."""
+    low, high = float(values.min(initial=0.0)), float(values.max(initial=0.0))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise BankError(ErrorCode.NOT_FINITE, f"{what} contains NaN or Inf")
+    if scored and max(-low, high) * math.sqrt(values.shape[1]) >= MAX_NORM:
+        step = max(1, (1 << 22) // values.shape[1])
+        largest = max(float(prefilter.norm_bounds(values[i:i + step]).max()) for i in range(0, len(values), step))
+        if largest >= MAX_NORM:
+            raise BankError(ErrorCode.NOT_FINITE, f"{what} has a row of norm {largest:.3g}: norms must be below "
+                            f"2^63 (~9.2e18), or float32 scores could overflow")
+
+
 @dataclass(frozen=True)
 class Search:
     """kNN of ``queries`` (B, D) float32; ``exclude`` (B,) int64 drops one id per query (-1: none)."""
@@ -186,6 +202,12 @@ class MemoryBank:
     On CPUs with int8 or bfloat16 dot products (``prefilter.best_kind``) the bank also keeps a
     low-precision copy of its rows, refreshed wherever rows are written (:meth:`_apply_update`,
     under the lock), which the search uses to find candidates before it ranks them in float32.
+
+    Numbers: rows and queries are finite, and every row or query that is scored (rows given to
+    the constructor or written by ``overwrite``, queries and ``knn_update`` features) has a norm
+    below ``MAX_NORM`` = 2^63, so no float32 score overflows; others are refused with
+    ``not_finite``. Momentum updates take any finite values: they write unit rows. Scores below
+    float32's normal range (tiny rows against tiny queries) are as float32 computes them.
     """
 
     def __init__(self, config: BankConfig, rows: torch.Tensor | None = None) -> None:
@@ -195,6 +217,8 @@ class MemoryBank:
             raise BankError(ErrorCode.BANK_MISMATCH, f"rows of shape {tuple(self.rows.shape)} "
                             f"do not fit bank {config.name!r} ({config.rows} x {config.dim} float32)")
         self.rows_np = self.rows.numpy()  # shares memory: FAISS searches the live rows
+        if rows is not None:  # a restore's rows are checked like any written ones
+            _check_values(self.rows_np, "rows", scored=True)
         self.low = prefilter.make(self.rows_np, prefilter.best_kind())
         self.counters = {"updates": 0, "rows_updated": 0, "searches": 0, "queries": 0,
                          "coalesced_calls": 0}
@@ -226,7 +250,7 @@ class MemoryBank:
             raise BankError(ErrorCode.ID_OUT_OF_RANGE, f"{what} contains id {bad}; bank "
                             f"{self.config.name!r} has rows 0..{self.config.rows - 1}")
 
-    def _check_rows(self, rows: np.ndarray, what: str, count: int | None) -> None:
+    def _check_rows(self, rows: np.ndarray, what: str, count: int | None, scored: bool = True) -> None:
         if rows.ndim != 2 or rows.shape[1] != self.config.dim:
             raise BankError(ErrorCode.BAD_SHAPE, f"{what} must be (B, {self.config.dim}) for bank "
                             f"{self.config.name!r}, got shape {list(rows.shape)}")
@@ -234,8 +258,7 @@ class MemoryBank:
             raise BankError(ErrorCode.BAD_SHAPE, f"{what} has {rows.shape[0]} rows but {count} ids were given")
         if rows.dtype != np.float32:
             raise BankError(ErrorCode.BAD_DTYPE, f"{what} must be float32, got {rows.dtype}")
-        if not np.isfinite(rows).all():
-            raise BankError(ErrorCode.NOT_FINITE, f"{what} contains NaN or Inf")
+        _check_values(rows, what, scored)
 
     def _check_k(self, k: int, excluding: bool) -> None:
         rows = self.config.rows - (1 if excluding else 0)
@@ -270,7 +293,7 @@ class MemoryBank:
             if op.mode not in UPDATE_MODES:
                 raise BankError(ErrorCode.BAD_ARGUMENT, f"update mode must be one of {UPDATE_MODES}, got {op.mode!r}")
             self._check_ids(op.ids, "ids")
-            self._check_rows(op.values, "rows", op.ids.shape[0])
+            self._check_rows(op.values, "rows", op.ids.shape[0], scored=op.mode == "overwrite")
             self._check_distinct(op.ids)
         elif isinstance(op, SearchUpdate):
             self._check_ids(op.ids, "ids")

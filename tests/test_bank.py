@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import assert_same_knn, brute_force_knn, momentum_oracle
 
-from fgc_bank.bank import MAX_K, BankConfig, MemoryBank, Search, SearchUpdate, Update, momentum_update_
+from fgc_bank.bank import MAX_K, MAX_NORM, BankConfig, MemoryBank, Search, SearchUpdate, Update, momentum_update_
 from fgc_bank.errors import BankError, ErrorCode
 
 
@@ -217,6 +217,10 @@ def test_coalesced_batch_equals_one_op_at_a_time(rows: int, rng: np.random.Gener
     (lambda: Search(np.zeros((0, 8), np.float32), 3), ErrorCode.BAD_SHAPE),  # no query
     (lambda: Search(np.zeros((0, 8), np.float32), 3, np.zeros(0, np.int64)), ErrorCode.BAD_SHAPE),
     (lambda: SearchUpdate(np.zeros(0, np.int64), np.zeros((0, 8), np.float32), 3), ErrorCode.BAD_SHAPE),
+    # rows and queries whose float32 scores could overflow (norm 2^63 or more)
+    (lambda: Search(np.full((2, 8), 1e30, np.float32), 3), ErrorCode.NOT_FINITE),
+    (lambda: SearchUpdate(np.array([3, 4]), np.full((2, 8), 3e38, np.float32), 5), ErrorCode.NOT_FINITE),
+    (lambda: Update(np.array([3]), np.full((1, 8), 3e38, np.float32), "overwrite"), ErrorCode.NOT_FINITE),
 ])
 def test_bad_ops_are_refused_and_change_nothing(op, code: ErrorCode) -> None:
     bank = make_bank(100, 8)
@@ -320,3 +324,31 @@ def test_coalesced_run_deeper_than_5962_rows_answers_exactly(rng: np.random.Gene
     assert_same_knn(got.scores, got.ids, want.scores, want.ids)
     assert_same_knn(got.scores, got.ids, *brute_force_knn(before, features, MAX_K, own))
     np.testing.assert_array_equal(batched.rows_np, serial.rows_np)
+
+
+def test_scores_that_could_overflow_are_refused_everywhere_rows_are_scored() -> None:
+    """Norms below MAX_NORM = 2^63 pass (scores stay below 2^126), norms at it do not: for
+    queries, overwritten rows and rows given to the constructor (a snapshot's restore), which
+    also refuses NaN and Inf. Momentum values may be as large as float32 goes: they make unit
+    rows."""
+    bank = make_bank(100, 4)
+    below = np.zeros((1, 4), np.float32)
+    below[0, 0] = np.nextafter(np.float32(MAX_NORM), np.float32(0))
+    at = np.full((1, 4), MAX_NORM / 2, np.float32)  # norm exactly 2^63
+    bank.validate(Search(below, 3))
+    bank.validate(Update(np.array([1]), below, "overwrite"))
+    bank.validate(Update(np.array([1]), np.full((1, 4), 3.4e38, np.float32)))
+    for op in (Search(at, 3), Update(np.array([1]), at, "overwrite"), SearchUpdate(np.array([1]), at, 3)):
+        with pytest.raises(BankError) as info:
+            bank.validate(op)
+        assert info.value.code is ErrorCode.NOT_FINITE and "2^63" in info.value.message
+    config = BankConfig("b", 100, 4)
+    for bad in (1e30, 3e38, np.inf, np.nan):
+        rows = torch.from_numpy(bank.rows_np.copy())
+        rows[7, 2] = bad
+        with pytest.raises(BankError) as info:
+            MemoryBank(config, rows)
+        assert info.value.code is ErrorCode.NOT_FINITE
+    rows = torch.from_numpy(bank.rows_np.copy())
+    rows[7] = torch.from_numpy(below[0])
+    assert MemoryBank(config, rows).rows_np[7, 0] == below[0, 0]
