@@ -256,7 +256,7 @@ def _poisson_rank(mean: float, miss: float) -> int:
             break
     tail = rest  # P(X >= mode + i), from the far end, so no sum loses the small terms
     tails = [tail := tail + t for t in reversed(terms)][::-1]
-    return mode + next(i for i, p in enumerate(tails) if p <= miss)
+    return mode + next((i for i, p in enumerate(tails) if p <= miss), len(terms))  # P(X >= that) <= rest
 
 
 def _pool_executor() -> concurrent.futures.ThreadPoolExecutor:

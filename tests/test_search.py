@@ -282,6 +282,7 @@ def test_rejects_mismatched_shapes_and_k() -> None:
 
 def test_poisson_rank_bounds_the_miss_rate() -> None:
     assert search._poisson_rank(0.0, 1e-4) == 1
+    assert search._poisson_rank(1e-15, 1e-4) == 1  # P(X >= 1) ~ 1e-15, all but P(X = 0) cut off
     for mean in (0.1, 1.0, 6.25, 25.0):
         r = search._poisson_rank(mean, 1e-4)
         rng = np.random.default_rng(0)
