@@ -28,22 +28,61 @@ logger = logging.getLogger(__name__)
 
 INITS = ("uniform", "unit")
 UPDATE_MODES = ("momentum", "overwrite")
+MAX_K = 2048  # the largest k a search answers: FAISS's GPU search stops here, so a bank on a GPU can too
+MAX_NORM = 2.0**63  # rows and queries have smaller norms, so every score |q.r| <= |q||r| < 2^126 is finite
 
 
 @torch.no_grad()
 def momentum_update_(rows: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, momentum: float) -> None:
     """FGC's bank update, in place: ``rows[ids] = normalize(m * rows[ids] + (1 - m) * values)``.
 
+    Every row written has norm 1 (within rounding) for every finite input, from denormals to the
+    dtype's largest values. A mixed row that is exactly zero has no direction: it keeps its old
+    value. On a GPU the check for the rare rows that need care costs one synchronisation.
+
     Parameters
     ----------
     rows : (N, D) float tensor, updated in place.
     ids : (B,) int64 tensor of distinct row ids.
-    values : (B, D) tensor, the new features (or gate logits), not normalised.
+    values : (B, D) tensor, the new features (or gate logits), not normalised; finite.
     momentum : m in [0, 1]; 0 overwrites with the normalised values.
     """
-    mixed = rows.index_select(0, ids).mul_(momentum).add_(values.to(rows.dtype), alpha=1.0 - momentum)
-    norms = mixed.norm(dim=1, keepdim=True).clamp_min_(torch.finfo(rows.dtype).tiny)
-    rows.index_copy_(0, ids, mixed.div_(norms))
+    values = values.to(rows.dtype)
+    mixed = rows.index_select(0, ids).mul_(momentum).add_(values, alpha=1.0 - momentum)
+    norms = mixed.norm(dim=1, keepdim=True)
+    if _norms_are_safe(norms):
+        rows.index_copy_(0, ids, mixed.div_(norms))
+    else:  # a norm that over- or underflowed (or a zero mix): redo these rows the careful way
+        rows.index_copy_(0, ids, _unit_mix(rows.index_select(0, ids), values, momentum))
+
+
+def _norms_are_safe(norms: torch.Tensor) -> bool:
+    """Whether every norm is finite and so far above the dtype's smallest normal number that
+    squares lost below it (at most D of them, each under ``tiny``) cannot move it by a rounding:
+    then dividing by it normalises. True for ordinary batches: the hot path's only extra cost."""
+    if norms.numel() == 0:
+        return True
+    info = torch.finfo(norms.dtype)
+    low, high = torch.aminmax(norms)
+    return info.tiny ** 0.25 <= low.item() and high.item() <= info.max
+
+
+def _unit_mix(old: torch.Tensor, values: torch.Tensor, momentum: float) -> torch.Tensor:
+    """``normalize(m * old + (1 - m) * values)`` for any finite rows, computed in float64 (where
+    float32 inputs make no denormals, which CPUs handle far slower). Each pair is divided by its
+    largest magnitude before mixing, so the mix cannot overflow, and the mix by its own largest
+    before its norm, so its squares cannot all underflow (the largest is 1): this holds for
+    float64 rows too. Rows whose mix is zero keep ``old``."""
+    tiny = torch.finfo(torch.float64).tiny
+    top = torch.maximum(old.abs().amax(1, keepdim=True), values.abs().amax(1, keepdim=True)).double().clamp_min_(tiny)
+    mixed = values.to(torch.float64, copy=True).div_(top).mul_(1.0 - momentum)  # copies: never the caller's
+    mixed.add_(old.to(torch.float64, copy=True).div_(top), alpha=momentum)
+    peak = mixed.abs().amax(1, keepdim=True)
+    mixed.div_(peak.clamp_min(tiny))
+    unit = mixed.div_(mixed.norm(dim=1, keepdim=True)).to(old.dtype)
+    zero = peak.flatten() == 0
+    unit[zero] = old[zero]
+    return unit
 
 
 @dataclass(frozen=True)
@@ -87,6 +126,21 @@ class BankConfig:
 def _copy_note() -> str:
     kind = prefilter.best_kind()
     return f" and its {kind} copy" if kind else ""
+
+
+def _check_values(values: np.ndarray, what: str, scored: bool) -> None:
+    """Refuse NaN and Inf, and, where ``scored``, rows of norm ``MAX_NORM`` or more. min and max
+    make no temporary the size of ``values`` (a restored bank's rows) and pass NaN on; the exact
+    norms are only computed when the largest magnitude says one could be that large."""
+    low, high = float(values.min(initial=0.0)), float(values.max(initial=0.0))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise BankError(ErrorCode.NOT_FINITE, f"{what} contains NaN or Inf")
+    if scored and max(-low, high) * math.sqrt(values.shape[1]) >= MAX_NORM:
+        step = max(1, (1 << 22) // values.shape[1])
+        largest = max(float(prefilter.norm_bounds(values[i:i + step]).max()) for i in range(0, len(values), step))
+        if largest >= MAX_NORM:
+            raise BankError(ErrorCode.NOT_FINITE, f"{what} has a row of norm {largest:.3g}: norms must be below "
+                            f"2^63 (~9.2e18), or float32 scores could overflow")
 
 
 @dataclass(frozen=True)
@@ -148,6 +202,12 @@ class MemoryBank:
     On CPUs with int8 or bfloat16 dot products (``prefilter.best_kind``) the bank also keeps a
     low-precision copy of its rows, refreshed wherever rows are written (:meth:`_apply_update`,
     under the lock), which the search uses to find candidates before it ranks them in float32.
+
+    Numbers: rows and queries are finite, and every row or query that is scored (rows given to
+    the constructor or written by ``overwrite``, queries and ``knn_update`` features) has a norm
+    below ``MAX_NORM`` = 2^63, so no float32 score overflows; others are refused with
+    ``not_finite``. Momentum updates take any finite values: they write unit rows. Scores below
+    float32's normal range (tiny rows against tiny queries) are as float32 computes them.
     """
 
     def __init__(self, config: BankConfig, rows: torch.Tensor | None = None) -> None:
@@ -157,6 +217,8 @@ class MemoryBank:
             raise BankError(ErrorCode.BANK_MISMATCH, f"rows of shape {tuple(self.rows.shape)} "
                             f"do not fit bank {config.name!r} ({config.rows} x {config.dim} float32)")
         self.rows_np = self.rows.numpy()  # shares memory: FAISS searches the live rows
+        if rows is not None:  # a restore's rows are checked like any written ones
+            _check_values(self.rows_np, "rows", scored=True)
         self.low = prefilter.make(self.rows_np, prefilter.best_kind())
         self.counters = {"updates": 0, "rows_updated": 0, "searches": 0, "queries": 0,
                          "coalesced_calls": 0}
@@ -188,7 +250,7 @@ class MemoryBank:
             raise BankError(ErrorCode.ID_OUT_OF_RANGE, f"{what} contains id {bad}; bank "
                             f"{self.config.name!r} has rows 0..{self.config.rows - 1}")
 
-    def _check_rows(self, rows: np.ndarray, what: str, count: int | None) -> None:
+    def _check_rows(self, rows: np.ndarray, what: str, count: int | None, scored: bool = True) -> None:
         if rows.ndim != 2 or rows.shape[1] != self.config.dim:
             raise BankError(ErrorCode.BAD_SHAPE, f"{what} must be (B, {self.config.dim}) for bank "
                             f"{self.config.name!r}, got shape {list(rows.shape)}")
@@ -196,14 +258,20 @@ class MemoryBank:
             raise BankError(ErrorCode.BAD_SHAPE, f"{what} has {rows.shape[0]} rows but {count} ids were given")
         if rows.dtype != np.float32:
             raise BankError(ErrorCode.BAD_DTYPE, f"{what} must be float32, got {rows.dtype}")
-        if not np.isfinite(rows).all():
-            raise BankError(ErrorCode.NOT_FINITE, f"{what} contains NaN or Inf")
+        _check_values(rows, what, scored)
 
     def _check_k(self, k: int, excluding: bool) -> None:
-        limit = self.config.rows - (1 if excluding else 0)
+        rows = self.config.rows - (1 if excluding else 0)
+        limit = min(rows, MAX_K)
         if not isinstance(k, int) or not 1 <= k <= limit:
-            raise BankError(ErrorCode.BAD_K, f"k must be in [1, {limit}] for bank {self.config.name!r} "
-                            f"({self.config.rows} rows{', own id excluded' if excluding else ''}), got {k}")
+            why = f"{MAX_K} is the largest k a bank answers" if rows > MAX_K else \
+                f"{self.config.rows} rows{', own id excluded' if excluding else ''}"
+            raise BankError(ErrorCode.BAD_K, f"k must be in [1, {limit}] for bank {self.config.name!r} ({why}), got {k}")
+
+    @staticmethod
+    def _check_some(count: int, what: str) -> None:
+        if count == 0:
+            raise BankError(ErrorCode.BAD_SHAPE, f"a search needs at least one query; {what} has none")
 
     def _check_distinct(self, ids: np.ndarray) -> None:
         if ids.size > 1 and np.unique(ids).size != ids.size:
@@ -214,6 +282,7 @@ class MemoryBank:
         """Raise BankError if ``op`` is malformed for this bank; the rows are never touched."""
         if isinstance(op, Search):
             self._check_rows(op.queries, "queries", None)
+            self._check_some(op.queries.shape[0], "queries")
             if op.exclude is not None:
                 self._check_ids(op.exclude, "exclude", allow_negative=True)
                 if op.exclude.shape[0] != op.queries.shape[0]:
@@ -224,10 +293,11 @@ class MemoryBank:
             if op.mode not in UPDATE_MODES:
                 raise BankError(ErrorCode.BAD_ARGUMENT, f"update mode must be one of {UPDATE_MODES}, got {op.mode!r}")
             self._check_ids(op.ids, "ids")
-            self._check_rows(op.values, "rows", op.ids.shape[0])
+            self._check_rows(op.values, "rows", op.ids.shape[0], scored=op.mode == "overwrite")
             self._check_distinct(op.ids)
         elif isinstance(op, SearchUpdate):
             self._check_ids(op.ids, "ids")
+            self._check_some(op.ids.shape[0], "ids")
             self._check_rows(op.features, "features", op.ids.shape[0])
             self._check_distinct(op.ids)
             self._check_k(op.k, True)
@@ -282,6 +352,8 @@ class MemoryBank:
         return op.queries if isinstance(op, Search) else op.features
 
     def _depth(self, searches: list[Search | SearchUpdate], changes: int) -> int:
+        """How deep the run's one search goes. Internal, so not held to MAX_K: it may reach the
+        bank's size, which the search takes (its planner ends for any depth)."""
         base = max(op.k + (0 if isinstance(op, Search) and op.exclude is None else 1) for op in searches)
         if changes:  # room for the changed rows expected among each query's candidates
             base += 8 + math.ceil(4 * base * changes / self.config.rows)

@@ -18,6 +18,14 @@ exactly and the rows' are tracked (each row's norm and error, refreshed with the
 float32 rounding of the reference score and of the GEMM's own arithmetic, and a row whose float32
 score beats ``t`` has a low-precision sum above ``tau = t - margin``. Every pair that passes is
 scored again in float32 before anything is ranked.
+
+The bound holds at every magnitude it is used for. Its norms are summed in float64
+(:func:`norm_bounds`), where no float32 number's square underflows (in float32, the squares of
+coordinates below ~1e-19 are denormal or 0) or overflows; int8 steps never leave [-127, 127]. A search
+uses a copy only while every query's norm is 0 or inside ``SAFE_NORMS``, and so is the largest
+row's (:meth:`Prefilter.in_range`): there the GEMMs' scales and sums are normal float32 numbers far
+from overflow, while further out oneDNN's float32 scales and bfloat16's sums may flush or
+overflow. Outside it the search goes float32 only, which needs no bound.
 """
 
 from __future__ import annotations
@@ -34,7 +42,9 @@ import numpy as np
 import torch
 
 U_FP32 = 2.0**-24
+U_FP64 = 2.0**-53
 FLUSH = 2.0**-126  # smallest normal float32; smaller inputs and partial sums may become 0
+SAFE_NORMS = (2.0**-40, 2.0**40)  # query and row norms for which a prefilter is used (0 too)
 ENV = "FGC_BANK_PREFILTER"  # "int8" / "bf16" / "off": force a prefilter (tests, comparisons)
 KINDS = ("int8", "bf16")
 
@@ -100,9 +110,19 @@ def copy_bytes(rows: int, dim: int, kind: str | None) -> int:
     return rows * (per_row + 8) if kind else 0
 
 
-def _inflate(norms: np.ndarray | np.floating, d: int) -> np.ndarray:
-    """float32 norms (computed in float32, of d values) -> float64 upper bounds of the exact ones."""
-    return np.asarray(norms, dtype=np.float64) * (1.0 + (d + 4) * U_FP32)
+def norm_bounds(values: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Upper bounds (B,) float64 of the Euclidean norms of rows (B, D) of float32 numbers or of
+    their exact float64 differences to rounded copies. Summed in float64, where such squares
+    neither underflow nor overflow (NaN and Inf give NaN and Inf)."""
+    squares = np.einsum("ij,ij->i", values, values, dtype=np.float64)  # casts as it goes: no float64 copy
+    return np.sqrt(squares) * (1.0 + (values.shape[1] + 4) * U_FP64)
+
+
+def round_up_f32(values: np.ndarray) -> np.ndarray:
+    """float64 values -> float32 values at least them (the nearest such; Inf above float32's range)."""
+    with np.errstate(over="ignore"):
+        up = values.astype(np.float32)
+    return np.where(up < values, np.nextafter(up, np.float32(np.inf)), up)
 
 
 class Prefilter(abc.ABC):
@@ -110,7 +130,8 @@ class Prefilter(abc.ABC):
     norm and the norm of its rounding error.
 
     The copy is only sound while it matches ``rows``: whoever writes rows calls :meth:`refresh`
-    with their ids before the next search (the bank does, under its lock).
+    with their ids before the next search (the bank does, under its lock). ``norms`` and
+    ``errors`` are float32 upper bounds of the exact ones.
     """
 
     kind: str
@@ -140,13 +161,20 @@ class Prefilter(abc.ABC):
         rounded = self._store(index, exact)
         if rounded is None:  # the rows no longer fit the copy's range: it was rebuilt
             return
-        self.norms[ids] = torch.linalg.vector_norm(exact, dim=1).numpy()
-        self.errors[ids] = torch.linalg.vector_norm(exact - rounded, dim=1).numpy()  # exact difference
+        self.norms[ids] = round_up_f32(norm_bounds(exact))
+        self.errors[ids] = round_up_f32(norm_bounds(exact - rounded))  # exact, in the wider dtype
 
     def bounds(self) -> tuple[float, float]:
         """Upper bounds of every row's norm and of every row's rounding error's norm."""
-        d = self.source.shape[1]
-        return float(_inflate(self.norms.max(initial=0.0), d)), float(_inflate(self.errors.max(initial=0.0), d))
+        return float(self.norms.max(initial=0.0)), float(self.errors.max(initial=0.0))
+
+    def in_range(self, query_norms: np.ndarray) -> bool:
+        """Whether the bound can be trusted for queries of these norms (see the module's
+        docstring): each is 0 or inside ``SAFE_NORMS``, and so is the largest row norm."""
+        low, high = SAFE_NORMS
+        row_norm = self.bounds()[0]
+        nonzero = query_norms[query_norms != 0]
+        return low <= row_norm <= high and bool(((nonzero >= low) & (nonzero <= high)).all())
 
     @abc.abstractmethod
     def _allocate(self) -> None:
@@ -154,8 +182,8 @@ class Prefilter(abc.ABC):
 
     @abc.abstractmethod
     def _store(self, index: torch.Tensor, exact: torch.Tensor) -> torch.Tensor | None:
-        """Store the low-precision rows ``index`` (values ``exact``); their value as float32 (the
-        difference to ``exact`` is then exact), or None when the whole copy had to be rebuilt."""
+        """Store the low-precision rows ``index`` (values ``exact``); their exact value (float32
+        or float64), or None when the whole copy had to be rebuilt."""
 
     def prepare(self, queries: np.ndarray, thresholds: np.ndarray) -> Scan | None:
         """This search's candidate finder for ``queries`` (B, D) float32 and their thresholds
@@ -197,22 +225,19 @@ class Bf16Rows(Prefilter):
         self.rows[index, :-1] = low
         return low.float()
 
-    def encode(self, queries: np.ndarray, max_scale: float = 1e30) -> Encoded | None:
-        """``[bf16(q), 0]``; None when ``|q| max|r|`` is so large that bfloat16 sums could
-        overflow."""
-        if not np.isfinite(queries).all():
+    def encode(self, queries: np.ndarray) -> Encoded | None:
+        """``[bf16(q), 0]``; None outside the range where the bound holds (:meth:`in_range`)."""
+        norm = norm_bounds(queries)
+        if not self.in_range(norm):
             return None
         row_norm, row_error = self.bounds()
         d = queries.shape[1]
-        norm = _inflate(np.linalg.norm(queries.astype(np.float64), axis=1), d)
-        if not float(norm.max(initial=0.0)) * row_norm < max_scale:
-            return None
         q16 = torch.from_numpy(queries).to(torch.bfloat16)
         rounded = q16.float().numpy()
         values = torch.zeros(queries.shape[0], d + 1, dtype=torch.bfloat16)
         values[:, :-1] = q16
-        return Encoded(values, norm, _inflate(np.linalg.norm(rounded, axis=1), d),
-                       _inflate(np.linalg.norm(queries - rounded, axis=1), d),  # the difference is exact
+        return Encoded(values, norm, norm_bounds(rounded),
+                       norm_bounds(queries - rounded),  # exact: bf16 rounding stays within a factor 2
                        row_norm, row_error, d)
 
     def scanner(self, encoded: Encoded, thresholds: np.ndarray) -> Scan | None:
@@ -283,7 +308,7 @@ class Int8Rows(Prefilter):
     def _allocate(self) -> None:
         n, d = self.source.shape
         self.rows = torch.empty(n, d, dtype=torch.uint8)
-        self.scale = _int8_scale(float(np.abs(self.source).max(initial=0.0)))
+        self.scale = float(_int8_scales(np.abs(self.source).max(initial=0.0)))
 
     def _store(self, index: torch.Tensor, exact: torch.Tensor) -> torch.Tensor | None:
         steps = torch.round(exact / self.scale)
@@ -292,30 +317,31 @@ class Int8Rows(Prefilter):
             largest = float(np.abs(self.source).max(initial=0.0))
             if not np.isfinite(largest):
                 raise ValueError("rows must be finite")
-            self.scale = _int8_scale(min(self.HEADROOM * largest, float(np.finfo(np.float32).max)))
+            self.scale = float(_int8_scales(min(self.HEADROOM * largest, float(np.finfo(np.float32).max))))
             self._refresh_all()
             return None
         self.rows[index] = (steps + 128).to(torch.uint8)
-        return steps * self.scale  # exact: |steps| <= 127 and the scale is a float32
+        return steps.double().mul_(self.scale)  # exact in float64: 7 bits times a float32's 24
 
     def encode(self, queries: np.ndarray) -> Encoded | None:
-        """Each query as int8 steps with its own scale, packed for oneDNN; None when the sums'
-        scales would leave float32's normal range."""
-        if not np.isfinite(queries).all():
+        """Each query as int8 steps with its own scale, packed for oneDNN; None outside the range
+        where the bound holds (:meth:`in_range`, and the copy's own range: a scale that grew for
+        rows since overwritten), or when out_scale would leave float32's normal range."""
+        norm = norm_bounds(queries)
+        if not self.in_range(norm) or self.scale * 127 > SAFE_NORMS[1]:
             return None
         row_norm, row_error = self.bounds()
-        top = np.abs(queries).max(axis=1)
-        scales = np.where(top > 0, top / 127.0, 1.0).astype(np.float32)
-        steps = np.rint(queries / scales[:, None])  # in [-127, 127]
-        rounded = steps * scales[:, None].astype(np.float64)  # q', exact in float64
-        q_low = np.linalg.norm(rounded, axis=1)
+        scales = _int8_scales(np.abs(queries).max(axis=1))
+        wide_scales = scales[:, None].astype(np.float64)
+        steps = np.clip(np.rint(queries / wide_scales), -127, 127)  # int8 would wrap 128 to -128
+        rounded = steps * wide_scales  # q', exact in float64
+        q_low = norm_bounds(rounded)
         largest = float((q_low * (row_norm + row_error)).max(initial=0.0))  # bounds |q'.r'|
-        if not 1e-20 < largest < 1e30:  # the scales' product and out_scale stay normal float32s
+        if not 1e-20 < largest < 1e30:  # out_scale stays a normal float32
             return None
         weights = torch.ops.onednn.qlinear_prepack(torch.from_numpy(steps.astype(np.int8)), None)
-        return Encoded(weights, np.linalg.norm(queries.astype(np.float64), axis=1), q_low,
-                       np.linalg.norm(queries - rounded, axis=1), row_norm, row_error, queries.shape[1],
-                       scales, largest * 2.0**-20)
+        return Encoded(weights, norm, q_low, norm_bounds(queries - rounded),  # an exact difference
+                       row_norm, row_error, queries.shape[1], scales, largest * 2.0**-20)
 
     def scanner(self, encoded: Encoded, thresholds: np.ndarray) -> Scan | None:
         """oneDNN's int8 GEMM with each query's ``-tau`` as its bias: a non-zero output byte for
@@ -343,12 +369,15 @@ class Int8Rows(Prefilter):
         return scan
 
 
-def _int8_scale(top: float) -> float:
-    """The float32 scale that maps [-top, top] onto 127 steps each way (1.0 for an all-zero bank)."""
-    scale = float(np.float32(top / 127.0))
-    while scale > 0 and top / scale > 127:  # float32 rounding must not push the top out of range
-        scale = float(np.nextafter(np.float32(scale), np.float32(np.inf)))
-    return scale if scale > 0 and np.isfinite(scale) else 1.0
+def _int8_scales(top: np.ndarray | float) -> np.ndarray:
+    """float32 scales that map each [-top, top] onto 127 steps each way (1 where top is 0 or not
+    finite). The float32 nearest top / 127 is raised one step where it fell below: a denormal
+    one can be far below, and top / scale must not round to a step of 128."""
+    top = np.asarray(top, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        scale = (top / 127.0).astype(np.float32)
+    scale = np.where(scale.astype(np.float64) * 127.0 < top, np.nextafter(scale, np.float32(np.inf)), scale)
+    return np.where((scale > 0) & np.isfinite(scale), scale, np.float32(1.0))
 
 
 def _int8_gemm_is_exact() -> bool:

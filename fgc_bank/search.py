@@ -52,6 +52,7 @@ to one shared pool, and scratch buffers belong to the pool threads.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import itertools
 import math
 import os
@@ -141,9 +142,11 @@ def search_inner_product(rows: np.ndarray, queries: np.ndarray, k: int,
     # memory, and a view of received bytes (np.frombuffer) is read-only.
     queries = np.array(queries, dtype=np.float32, order="C", copy=True)
     n, b = rows.shape[0], queries.shape[0]
+    if b == 0:  # nothing to search (and nothing to share out between threads)
+        return np.empty((0, k), dtype=np.float32), np.empty((0, k), dtype=np.int64)
     if b < MIN_BATCH or n < 2 * MIN_ROWS_PER_THREAD or 16 * k > n or not _torch_can_share(rows):
         rows = np.ascontiguousarray(rows, dtype=np.float32)
-        return _knn_ranges(rows, queries, k, _plan(n, rows.shape[1], b, k).bounds)
+        return _knn_ranges(rows, queries, k, _bounds(n))
     if b > MAX_BATCH:
         return _in_blocks(lambda part: search_inner_product(rows, part, k, low), queries, MAX_BATCH)
     return _search_blocked(rows, queries, k, low)
@@ -182,18 +185,23 @@ class _Plan:
     prefilter: bool = False  # threshold strategy: scan the low-precision copy, rescore in float32
 
 
-def _plan(n: int, d: int, b: int, k: int, low: Prefilter | None = None) -> _Plan:
+def _bounds(n: int) -> tuple[tuple[int, int], ...]:
+    """Each search thread's row range: as many threads as have ``MIN_ROWS_PER_THREAD`` rows."""
     threads = max(1, min(search_threads(), n // MIN_ROWS_PER_THREAD))
     cuts = [n * t // threads for t in range(threads + 1)]
-    bounds = tuple(itertools.pairwise(cuts))
-    share = cuts[1]
+    return tuple(itertools.pairwise(cuts))
+
+
+def _plan(n: int, d: int, b: int, k: int, low: Prefilter | None = None) -> _Plan:
+    bounds = _bounds(n)
+    share = bounds[0][1]
     # ns per query and thread of each way to score and select (rough, see the constants)
     inserts = k * (1.0 + math.log(max(share / k, 1.0)))  # expected heap insertions
     heap_ns = share * (2 * d * FLOP_NS + HEAP_SCAN_NS) \
         + inserts * (HEAP_INSERT_NS + HEAP_LEVEL_NS * math.log2(k + 1))
     sample_ns, stride, rank = _threshold_sample(n, d, k, RESCORE_NS if low else 0.0)
     scan_ns = share * (2 * d * low.flop_ns + low.scan_ns if low else 2 * d * FLOP_NS + THRESHOLD_SCAN_NS)
-    if heap_ns <= scan_ns + sample_ns / threads:
+    if heap_ns <= scan_ns + sample_ns / len(bounds):
         return _Plan(bounds, max(64, min(share, HEAP_SCORES_PER_CHUNK // b)), 0, 0)
     if low is None:
         return _Plan(bounds, max(64, min(share, SCORES_PER_CHUNK // b)), stride, rank)
@@ -218,20 +226,37 @@ def _threshold_sample(n: int, d: int, k: int, rescore_ns: float = 0.0) -> tuple[
     return best
 
 
+@functools.lru_cache(maxsize=1024)
 def _poisson_rank(mean: float, miss: float) -> int:
-    """Smallest r with P(X >= r) <= miss for X ~ Poisson(mean).
+    """Smallest r with P(X >= r) <= miss for X ~ Poisson(mean), 0 < miss < 1/2.
 
     X counts the sample rows that score at or above a query's k-th best (hypergeometric with this
     mean, which Poisson bounds). The threshold, the r-th best sample score, is then below the k-th
     best score, as the exact answer needs, except with probability ``miss``.
+
+    Summed from the mode up, not from P(X = 0) = exp(-mean): that underflows to 0 for a mean above
+    ~745 (a deep search), and a sum started from it never ends. A Poisson law's median is at least
+    floor(mean), so the answer lies above it (P(X >= floor(mean)) >= 1/2 > miss); the mode's term,
+    computed in log space, is about 1 / sqrt(2 pi mean), never 0, and the terms after it fall
+    faster than geometrically, so the loop ends after O(sqrt(mean)) terms for every mean.
     """
-    term = cdf = math.exp(-mean)
-    r = 0
-    while 1.0 - cdf > miss:
-        r += 1
-        term *= mean / r
-        cdf += term
-    return r + 1
+    if not 0.0 < miss < 0.5:
+        raise ValueError(f"miss must be in (0, 1/2), got {miss}")
+    if mean <= 0.0:
+        return 1
+    mode = math.floor(mean)
+    term = math.exp(mode * math.log(mean) - mean - math.lgamma(mode + 1))  # P(X = mode)
+    terms = []
+    while True:
+        terms.append(term)
+        term *= mean / (mode + len(terms))  # P(X = mode + len(terms))
+        # everything from here on: at most term / (1 - ratio), the terms falling by ratio or faster
+        rest = term / (1.0 - mean / (mode + len(terms) + 1))
+        if rest < miss * 2.0**-30:  # too small to move any tail sum that matters
+            break
+    tail = rest  # P(X >= mode + i), from the far end, so no sum loses the small terms
+    tails = [tail := tail + t for t in reversed(terms)][::-1]
+    return mode + next((i for i, p in enumerate(tails) if p <= miss), len(terms))  # P(X >= that) <= rest
 
 
 def _pool_executor() -> concurrent.futures.ThreadPoolExecutor:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import assert_same_knn, brute_force_knn, momentum_oracle
 
-from fgc_bank.bank import BankConfig, MemoryBank, Search, SearchUpdate, Update, momentum_update_
+from fgc_bank.bank import MAX_K, MAX_NORM, BankConfig, MemoryBank, Search, SearchUpdate, Update, momentum_update_
 from fgc_bank.errors import BankError, ErrorCode
 
 
@@ -62,6 +62,79 @@ def test_momentum_update_function_on_torch_rows() -> None:
     values = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 0.0]], dtype=torch.float64)
     momentum_update_(rows, ids, values, 0.9)
     np.testing.assert_allclose(rows.numpy(), momentum_oracle(before, ids.numpy(), values.numpy(), 0.9))
+
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def edge_values(rng: np.random.Generator, b: int, d: int) -> np.ndarray:
+    """Rows of random signs at the edges of float32: near its largest value, tiny (squares that
+    underflow), denormal, a single denormal among zeros, and ordinary."""
+    signs = np.where(rng.random((b, d)) < 0.5, -1.0, 1.0)
+    scales = np.array([F32_MAX, 3e38, 1e30, 1e-24, 1e-30, 1e-40, 1.0])[np.arange(b) % 7]
+    values = (signs * rng.uniform(0.5, 1.0, (b, d)) * scales[:, None]).astype(np.float32)
+    values[-1] = 0.0
+    values[-1, 0] = np.float32(1e-45)  # the smallest denormal
+    return values
+
+
+def assert_unit_rows_of_the_formula(after: np.ndarray, before: np.ndarray, ids: np.ndarray, values: np.ndarray,
+                                    m: float) -> None:
+    norms = np.linalg.norm(after[ids].astype(np.float64), axis=1)
+    np.testing.assert_allclose(norms, 1.0, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(after, momentum_oracle(before, ids, values, m), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("m", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("old", ["unit", "edge"])
+def test_momentum_update_gives_unit_rows_at_the_edges_of_float32(m: float, old: str, rng: np.random.Generator) -> None:
+    """Values near 3.4e38 (whose float32 norm overflows, and whose mix with huge old rows can
+    too), tiny and denormal values (whose squares underflow): every row written is a unit row in
+    the direction of the float64 formula."""
+    rows = torch.from_numpy(rng.standard_normal((40, 16)).astype(np.float32))
+    rows /= rows.norm(dim=1, keepdim=True)
+    ids = rng.choice(40, 21, replace=False)
+    if old == "edge":  # rows written verbatim (overwrite) can be anything finite
+        rows[torch.from_numpy(ids)] = torch.from_numpy(edge_values(rng, 21, 16))
+    values = edge_values(rng, 21, 16)
+    before = rows.numpy().copy()
+    momentum_update_(rows, torch.from_numpy(ids), torch.from_numpy(values), m)
+    assert_unit_rows_of_the_formula(rows.numpy(), before, ids, values, m)
+
+
+def test_momentum_update_of_float64_rows_near_their_largest_value() -> None:
+    rows = torch.full((4, 3), 1e300, dtype=torch.float64)
+    values = torch.tensor([[1.7e308, -1e308, 5e307], [1e-310, 0, 0], [1.0, 2.0, 3.0], [-1e300] * 3],
+                          dtype=torch.float64)
+    momentum_update_(rows, torch.arange(4), values, 0.5)
+    assert torch.allclose(rows[:3].norm(dim=1), torch.ones(3, dtype=torch.float64))
+    assert torch.equal(rows[3], torch.full((3,), 1e300, dtype=torch.float64))  # a zero mix: kept
+
+
+def test_momentum_update_keeps_a_row_whose_mix_is_zero(rng: np.random.Generator) -> None:
+    """normalize(0) has no direction: a row whose mix is exactly zero keeps its old value; the
+    other rows of the batch are updated as usual."""
+    bank = make_bank(50, 8)
+    before = bank.rows_np.copy()
+    values = rng.standard_normal((3, 8)).astype(np.float32)
+    values[0] = -before[4]  # 0.5 * row + 0.5 * -row == 0
+    bank.execute([Update(np.array([4, 5, 6]), values)])
+    assert np.array_equal(bank.rows_np[4], before[4])
+    assert_unit_rows_of_the_formula(np.delete(bank.rows_np, 4, 0), np.delete(before, 4, 0), np.array([4, 5]),
+                                    values[1:], 0.5)
+    zero_bank = make_bank(50, 8, momentum=0.0)
+    kept = zero_bank.rows_np[7].copy()
+    zero_bank.execute([Update(np.array([7]), np.zeros((1, 8), np.float32))])
+    assert np.array_equal(zero_bank.rows_np[7], kept)
+
+
+def test_momentum_update_at_the_edges_through_the_bank(rng: np.random.Generator) -> None:
+    bank = make_bank(100, 16, momentum=0.5)
+    ids = rng.choice(100, 21, replace=False)
+    values = edge_values(rng, 21, 16)
+    before = bank.rows_np.copy()
+    bank.execute([Update(ids, values)])
+    assert_unit_rows_of_the_formula(bank.rows_np, before, ids, values, 0.5)
 
 
 def test_overwrite_writes_rows_verbatim(rng: np.random.Generator) -> None:
@@ -141,6 +214,13 @@ def test_coalesced_batch_equals_one_op_at_a_time(rows: int, rng: np.random.Gener
     (lambda: Update(np.array([3]), np.ones((1, 8), np.float32), "average"), ErrorCode.BAD_ARGUMENT),
     (lambda: SearchUpdate(np.array([3, 4]), np.ones((2, 8), np.float32), 100), ErrorCode.BAD_K),
     (lambda: SearchUpdate(np.array([3, 3]), np.ones((2, 8), np.float32), 5), ErrorCode.DUPLICATE_IDS),
+    (lambda: Search(np.zeros((0, 8), np.float32), 3), ErrorCode.BAD_SHAPE),  # no query
+    (lambda: Search(np.zeros((0, 8), np.float32), 3, np.zeros(0, np.int64)), ErrorCode.BAD_SHAPE),
+    (lambda: SearchUpdate(np.zeros(0, np.int64), np.zeros((0, 8), np.float32), 3), ErrorCode.BAD_SHAPE),
+    # rows and queries whose float32 scores could overflow (norm 2^63 or more)
+    (lambda: Search(np.full((2, 8), 1e30, np.float32), 3), ErrorCode.NOT_FINITE),
+    (lambda: SearchUpdate(np.array([3, 4]), np.full((2, 8), 3e38, np.float32), 5), ErrorCode.NOT_FINITE),
+    (lambda: Update(np.array([3]), np.full((1, 8), 3e38, np.float32), "overwrite"), ErrorCode.NOT_FINITE),
 ])
 def test_bad_ops_are_refused_and_change_nothing(op, code: ErrorCode) -> None:
     bank = make_bank(100, 8)
@@ -192,3 +272,83 @@ def test_coalesced_search_researches_when_updates_empty_its_candidates(rng: np.r
     assert calls, "the stale-candidate fallback did not run"
     assert not np.isin(got.ids, np.arange(40)).any()
     assert_same_knn(got.scores, got.ids, want.scores, want.ids)
+
+
+@pytest.mark.parametrize("excluding", [False, True])
+def test_k_above_max_k_is_refused(excluding: bool, rng: np.random.Generator) -> None:
+    """k is at most MAX_K (2048, FAISS's GPU limit) however many rows the bank has."""
+    bank = make_bank(3000, 4)
+    queries = rng.standard_normal((2, 4)).astype(np.float32)
+    ids = np.array([0, 1])
+    make = (lambda k: SearchUpdate(ids, queries, k)) if excluding else (lambda k: Search(queries, k))
+    bank.validate(make(MAX_K))
+    with pytest.raises(BankError) as info:
+        bank.validate(make(MAX_K + 1))
+    assert info.value.code is ErrorCode.BAD_K and "2048" in str(info.value)
+    before = bank.rows_np.copy()
+    result = bank.execute([make(MAX_K)])[0].knn
+    assert_same_knn(result.scores, result.ids, *brute_force_knn(before, queries, MAX_K, ids if excluding else None))
+
+
+def test_zero_queries_are_a_bad_shape_through_the_service() -> None:
+    """knn and knn_update with no queries are answered bad_shape (they once reached the planner
+    and divided by zero: internal)."""
+    from fgc_bank.protocol import Request
+    from fgc_bank.service import BankService
+
+    service = BankService()
+    service.create("b", {"rows": 100, "dim": 8})
+    empty = np.zeros((0, 8), np.float32)
+    replies = service.handle_batch("b", [
+        Request("knn", "b", {"k": 3}, {"queries": empty}, id=1),
+        Request("knn_update", "b", {"k": 3}, {"ids": np.zeros(0, np.int64), "features": empty}, id=2)])
+    assert [r.error.code for r in replies] == [ErrorCode.BAD_SHAPE, ErrorCode.BAD_SHAPE]
+    assert all("at least one query" in r.error.message for r in replies)
+
+
+def test_coalesced_run_deeper_than_5962_rows_answers_exactly(rng: np.random.Generator) -> None:
+    """A run whose updates change most of a small bank searches deeper than any k (here 2,049 +
+    8 + 4 x 2,049 x 5,000 / 8,000 = 7,180 rows): once the planner's Poisson tail spun forever
+    from that depth. The answers are those of the ops one at a time, and of the oracle."""
+    ids = rng.choice(8000, 5000, replace=False)
+    values = rng.standard_normal((5000, 8)).astype(np.float32)
+    features = rng.standard_normal((3, 8)).astype(np.float32)
+    own = np.setdiff1d(np.arange(8000), ids)[:3]
+    ops = [Update(ids, values), SearchUpdate(own, features, MAX_K)]
+    batched, serial = make_bank(8000, 8), make_bank(8000, 8)
+    assert batched._depth([ops[1]], 5000) > 5962
+    got = batched.execute(ops)[1].knn
+    serial.execute(ops[:1])
+    before = serial.rows_np.copy()
+    want = serial.execute(ops[1:])[0].knn
+    assert_same_knn(got.scores, got.ids, want.scores, want.ids)
+    assert_same_knn(got.scores, got.ids, *brute_force_knn(before, features, MAX_K, own))
+    np.testing.assert_array_equal(batched.rows_np, serial.rows_np)
+
+
+def test_scores_that_could_overflow_are_refused_everywhere_rows_are_scored() -> None:
+    """Norms below MAX_NORM = 2^63 pass (scores stay below 2^126), norms at it do not: for
+    queries, overwritten rows and rows given to the constructor (a snapshot's restore), which
+    also refuses NaN and Inf. Momentum values may be as large as float32 goes: they make unit
+    rows."""
+    bank = make_bank(100, 4)
+    below = np.zeros((1, 4), np.float32)
+    below[0, 0] = np.nextafter(np.float32(MAX_NORM), np.float32(0))
+    at = np.full((1, 4), MAX_NORM / 2, np.float32)  # norm exactly 2^63
+    bank.validate(Search(below, 3))
+    bank.validate(Update(np.array([1]), below, "overwrite"))
+    bank.validate(Update(np.array([1]), np.full((1, 4), 3.4e38, np.float32)))
+    for op in (Search(at, 3), Update(np.array([1]), at, "overwrite"), SearchUpdate(np.array([1]), at, 3)):
+        with pytest.raises(BankError) as info:
+            bank.validate(op)
+        assert info.value.code is ErrorCode.NOT_FINITE and "2^63" in info.value.message
+    config = BankConfig("b", 100, 4)
+    for bad in (1e30, 3e38, np.inf, np.nan):
+        rows = torch.from_numpy(bank.rows_np.copy())
+        rows[7, 2] = bad
+        with pytest.raises(BankError) as info:
+            MemoryBank(config, rows)
+        assert info.value.code is ErrorCode.NOT_FINITE
+    rows = torch.from_numpy(bank.rows_np.copy())
+    rows[7] = torch.from_numpy(below[0])
+    assert MemoryBank(config, rows).rows_np[7, 0] == below[0, 0]

@@ -4,6 +4,8 @@ float64 numpy)."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ import torch
 from fgc_bank import prefilter, search
 from fgc_bank.bank import BankConfig, MemoryBank, Search, SearchUpdate, Update
 from fgc_bank.errors import BankError, ErrorCode
-from fgc_bank.prefilter import Bf16Rows, Int8Rows, round_down_bf16
+from fgc_bank.prefilter import SAFE_NORMS, Bf16Rows, Int8Rows, round_down_bf16
 from fgc_bank.search import search_inner_product
 from tests.test_search import assert_exact, make_bank, make_queries
 
@@ -262,16 +264,21 @@ def test_margin_keeps_a_cluster_finer_than_a_step(monkeypatch: pytest.MonkeyPatc
     best and the threshold both fall inside the cluster, so only the margin keeps every row that
     belongs in the answer (with a zero margin this fails)."""
     calls = spy_on_filtered_scans(monkeypatch)
-    rng = np.random.default_rng(7)
-    rows = make_bank(20000, 64)
-    center = rows[0] / np.linalg.norm(rows[0])
-    cluster = center + 1e-4 * rng.standard_normal((2000, 64), dtype=np.float32)
-    rows[rng.choice(20000, 2000, replace=False)] = cluster / np.linalg.norm(cluster, axis=1, keepdims=True)
-    queries = center + 0.3 * rng.standard_normal((64, 64), dtype=np.float32)
-    queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    rows, queries = fine_cluster(20000)
     scores, ids = search_inner_product(rows, queries, 200, prefilter.make(rows, kind))
     assert calls
     assert_exact(rows, queries, 200, scores, ids)
+
+
+def fine_cluster(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unit rows (n, 64), 2,000 of them near-duplicates, and 64 unit queries near the cluster."""
+    rng = np.random.default_rng(7)
+    rows = make_bank(n, 64)
+    center = rows[0] / np.linalg.norm(rows[0])
+    cluster = center + 1e-4 * rng.standard_normal((2000, 64), dtype=np.float32)
+    rows[rng.choice(n, 2000, replace=False)] = cluster / np.linalg.norm(cluster, axis=1, keepdims=True)
+    queries = center + 0.3 * rng.standard_normal((64, 64), dtype=np.float32)
+    return rows, (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -313,3 +320,183 @@ def test_environment_picks_or_turns_off_the_prefilter(monkeypatch: pytest.Monkey
     finally:
         monkeypatch.delenv(prefilter.ENV)
         prefilter.best_kind.cache_clear()
+
+
+# -- the edges of float32 ---------------------------------------------------------------------------
+
+EDGE_SCALES = (1e-20, 1e-30, 1e-40)  # squares denormal, squares 0, the values themselves denormal
+
+
+def float32_errors(rows: np.ndarray, queries: np.ndarray, relative: float | None = None) -> np.ndarray:
+    """(B, N) how far a float32 score may be from the exact one: ``relative`` |q||r| (by default
+    a float32 sum of d products in any order), and products and inputs below float32's normal
+    range flushed to zero."""
+    q = np.linalg.norm(queries.astype(np.float64), axis=1)[:, None]
+    r = np.linalg.norm(rows.astype(np.float64), axis=1)[None, :]
+    d = rows.shape[1]
+    relative = 1.01 * (d + 2) * 2.0**-24 if relative is None else relative
+    return relative * q * r + 2.0**-126 * (d + np.sqrt(d) * (q + r))
+
+
+def assert_exact_at_any_magnitude(rows: np.ndarray, queries: np.ndarray, k: int, scores: np.ndarray,
+                                  ids: np.ndarray, exclude: np.ndarray | None = None) -> None:
+    """The float64 oracle's top k (``exclude``: each query's own id left out), each score within
+    float32's own error of it (relative to the magnitudes, see float32_errors); ids differ only
+    where scores are that close."""
+    exact = queries.astype(np.float64) @ rows.astype(np.float64).T
+    error = float32_errors(rows, queries)
+    b = queries.shape[0]
+    if exclude is not None:
+        exact[np.arange(b), exclude] = -np.inf
+    assert ids.shape == (b, k) and np.all((ids >= 0) & (ids < rows.shape[0]))
+    assert all(np.unique(ids[i]).size == k for i in range(b)), "repeated ids"
+    got, slack = np.take_along_axis(exact, ids, 1), np.take_along_axis(error, ids, 1)
+    assert np.all(np.abs(scores - got) <= slack), "scores are not those of their ids"
+    left_out = np.ones_like(exact, dtype=bool)
+    left_out[np.arange(b)[:, None], ids] = False
+    weakest = (got + slack).min(axis=1, keepdims=True)  # the lowest a returned row can really be
+    assert not np.any(left_out & (exact - error > weakest)), "a row that beats the answer was left out"
+    best = -np.sort(-np.partition(exact, exact.shape[1] - k, axis=1)[:, -k:], axis=1)  # the oracle's k best
+    assert np.all(np.abs(scores - best) <= error.max(axis=1, keepdims=True))
+
+
+def edge_rows(n: int, d: int, seed: int, negative: bool = False) -> np.ndarray:
+    """Unit rows, and among them rows scaled to the edges of float32 (tiny, denormal, zero).
+    ``negative``: the unit rows have only negative coordinates, so that for positive queries the
+    tiny rows (of either sign) are the best matches."""
+    rows = make_bank(n, d, seed)
+    if negative:
+        rows = -np.abs(rows)
+    for step, scale in zip((5, 7, 11), EDGE_SCALES):
+        rows[step // 2::step] = make_bank(len(rows[step // 2::step]), d, seed + step) * np.float32(scale)
+    rows[6::13] = 0.0
+    return rows
+
+
+def test_int8_scales_never_make_a_step_of_128() -> None:
+    """A denormal top / 127 rounds to a float32 scale that can be far below it: top / scale would
+    round to a step of 128, which int8 wraps to -128. The scale is raised instead."""
+    rng = np.random.default_rng(0)
+    tops = np.concatenate([np.arange(1, 20000) * 2.0**-149, np.exp(rng.uniform(-100, 88, 20000)),
+                           [float(np.finfo(np.float32).max), 1.0, 127.0, 2.0**-126]]).astype(np.float32)
+    scales, wide = prefilter._int8_scales(tops).astype(np.float64), tops.astype(np.float64)
+    assert np.all(wide / scales <= 127) and np.all(scales > 0) and np.all(np.isfinite(scales))
+    assert np.all(scales <= wide / 127 * (1 + 2.0**-22) + 2.0**-148)  # at most a step and a half up
+    assert prefilter._int8_scales(0.0) == 1.0 and prefilter._int8_scales(np.inf) == 1.0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_row_norms_and_errors_do_not_underflow(kind: str) -> None:
+    """Each row's norm and rounding error are upper bounds of the exact (float64) ones, however
+    small: in float32 the norm of coordinates near 1e-23 is 0."""
+    rows = edge_rows(3000, 16, 0)
+    rows[1::9] *= np.float32(1e-3)  # coordinates near 1e-23 and 1e-43 too
+    low = prefilter.make(rows, kind)
+    exact = rows.astype(np.float64)
+    rounded = (low.rows.numpy().astype(np.float64) - 128) * low.scale if kind == "int8" \
+        else low.rows[:, :-1].double().numpy()
+    norms, errors = np.linalg.norm(exact, axis=1), np.linalg.norm(exact - rounded, axis=1)
+    assert np.all(low.norms >= norms) and np.all(low.errors >= errors)
+    assert np.all(low.norms <= norms * (1 + 2.0**-22) + 2.0**-149)  # and tight: float32's next step up
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prefilter_is_only_used_where_its_bound_holds(kind: str) -> None:
+    """Queries or rows whose norms lie outside SAFE_NORMS (tiny, denormal, huge) make the search
+    go float32: a bound computed there could not be trusted. Zero queries and tiny rows among
+    normal ones are fine."""
+    rows = edge_rows(3000, 16, 0)
+    low = prefilter.make(rows, kind)
+    queries = make_bank(8, 16, seed=1)
+    queries[3] = 0.0
+    assert low.encode(queries) is not None
+    for scale in (*EDGE_SCALES, 1e13, 1e18):
+        odd = queries.copy()
+        odd[5] *= np.float32(scale)
+        assert low.encode(odd) is None, scale
+    for inside in (SAFE_NORMS[0] * 1.01, SAFE_NORMS[1] * 0.99):  # unit queries moved to the range's ends
+        assert low.encode(queries * np.float32(inside)) is not None
+    for scale in (1e-20, 1e18):  # every row outside it
+        assert prefilter.make(make_bank(3000, 16) * np.float32(scale), kind).encode(queries) is None
+    if kind == "int8":  # a scale that grew for rows since overwritten with small ones
+        rows[0] = 1e13
+        low.refresh(np.array([0]))
+        rows[0] = 0.0
+        low.refresh(np.array([0]))
+        assert low.bounds()[0] <= 1.01 and low.encode(queries) is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("negative", [False, True])
+def test_filter_keeps_every_row_above_the_threshold_at_the_edges(kind: str, negative: bool) -> None:
+    """Tiny, denormal and zero rows among unit rows, and queries at the ends of SAFE_NORMS: the
+    filter still keeps every row whose score beats the threshold (with ``negative``, the tiny rows
+    are each query's best)."""
+    rows = edge_rows(3000, 16, 0, negative)
+    queries = np.abs(make_bank(64, 16, seed=1))
+    queries[:20] *= np.float32(SAFE_NORMS[0] * 1.01)
+    queries[20:40] *= np.float32(SAFE_NORMS[1] * 0.99)
+    queries[40] = 0.0
+    exact = queries.astype(np.float64) @ rows.astype(np.float64).T
+    slack = float32_errors(rows, queries, relative=1e-6)
+    ranked = -np.sort(-exact, axis=1)
+    low = prefilter.make(rows, kind)
+    for rank in (0, 10, 100, 1000):
+        threshold = ranked[:, rank].astype(np.float32)
+        scan = low.prepare(queries, threshold)
+        assert scan is not None
+        must = exact > threshold[:, None].astype(np.float64) + slack
+        assert not (must & ~kept_pairs(scan, 3000, 64)).any(), f"rank {rank}: rows above the threshold were dropped"
+
+
+@functools.cache
+def edge_cases(n: int, d: int = 64) -> dict[str, tuple[np.ndarray, np.ndarray, bool]]:
+    """name -> (rows, queries, whether the prefilter may run); shared: not to be written."""
+    rows, negative = edge_rows(n, d, 0), edge_rows(n, d, 0, negative=True)
+    queries = make_queries(rows, 64)
+    huge = rows.copy()
+    huge[::3] *= np.float32(1e18)  # norms 1e18: below the bank's limit of 2^63, scores up to 1e36
+    cluster, near = fine_cluster(n)  # scores finer than a low-precision step
+    cases = {"tiny rows among unit rows": (rows, queries, True),
+             "tiny rows are the best matches": (negative, np.abs(queries), True),
+             "huge rows and queries": (huge, queries * np.float32(1e18), False),
+             "a fine cluster at 1e-30": (cluster * np.float32(1e-30), near, False),
+             "a fine cluster, queries at 1e-30": (cluster, near * np.float32(1e-30), False)}
+    for scale in EDGE_SCALES:
+        cases[f"queries at {scale:g}"] = (rows, queries * np.float32(scale), False)
+        cases[f"rows at {scale:g}"] = (make_bank(n, d) * np.float32(scale), queries, False)
+    return cases
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("case", list(edge_cases(2000)))
+def test_search_is_exact_at_the_edges_of_float32(monkeypatch: pytest.MonkeyPatch, kind: str, case: str) -> None:
+    """Tiny, denormal, zero and huge rows and queries, searched with each prefilter: the float64
+    oracle's answer, with the prefilter where its bound holds and plain float32 elsewhere."""
+    calls = spy_on_filtered_scans(monkeypatch)
+    rows, queries, filtered = edge_cases(20000)[case]
+    scores, ids = search_inner_product(rows, queries, 100, prefilter.make(rows, kind))
+    assert bool(calls) == filtered
+    assert_exact_at_any_magnitude(rows, queries, 100, scores, ids)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("case", ["tiny rows among unit rows", "tiny rows are the best matches", "huge rows and queries",
+                                  "a fine cluster at 1e-30", "queries at 1e-40"])
+def test_bank_is_exact_at_the_edges_of_float32(monkeypatch: pytest.MonkeyPatch, kind: str, case: str) -> None:
+    """The same rows entering a bank through ``MemoryBank(config, rows)`` (a snapshot's restore)
+    and through ``update(mode="overwrite")``: knn and knn_update answer as the oracle does."""
+    monkeypatch.setattr(prefilter, "best_kind", lambda: kind)
+    rows, queries, _ = edge_cases(10000)[case]
+    config = BankConfig("b", 10000, 64, init="unit", seed=3)
+    restored = MemoryBank(config, torch.from_numpy(rows.copy()))
+    written = MemoryBank(config)
+    ids = np.arange(10000)
+    written.execute([Update(ids[i:i + 2500], rows[i:i + 2500], "overwrite") for i in range(0, 10000, 2500)])
+    own = np.random.default_rng(2).choice(10000, 64, replace=False)
+    for bank in (restored, written):
+        assert np.array_equal(bank.rows_np, rows)
+        found = bank.execute([Search(queries, 100), SearchUpdate(own, queries, 100)])
+        assert_exact_at_any_magnitude(rows, queries, 100, found[0].knn.scores, found[0].knn.ids)
+        mine = found[1].knn
+        assert_exact_at_any_magnitude(rows, queries, 100, mine.scores, mine.ids, exclude=own)

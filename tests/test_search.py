@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import math
 import threading
 
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_knn, brute_force_knn
 
-from fgc_bank import search
+from fgc_bank import prefilter, search
 from fgc_bank.search import search_inner_product
 
 
@@ -280,11 +282,44 @@ def test_rejects_mismatched_shapes_and_k() -> None:
 
 def test_poisson_rank_bounds_the_miss_rate() -> None:
     assert search._poisson_rank(0.0, 1e-4) == 1
+    assert search._poisson_rank(1e-15, 1e-4) == 1  # P(X >= 1) ~ 1e-15, all but P(X = 0) cut off
     for mean in (0.1, 1.0, 6.25, 25.0):
         r = search._poisson_rank(mean, 1e-4)
         rng = np.random.default_rng(0)
         assert (rng.poisson(mean, 200_000) >= r).mean() <= 3e-4
         assert (rng.poisson(mean, 200_000) >= r - 1).mean() > 1e-4
+
+
+@pytest.mark.parametrize("mean", [745.5, 1000.0, 1e4, 1e6, 2.0**31])
+def test_poisson_rank_ends_and_bounds_the_miss_rate_for_deep_searches(mean: float) -> None:
+    """exp(-mean) underflows above ~745: the rank is still found (a worker once spun here forever),
+    and it is the smallest with a tail of at most 1e-4 (near mean + 3.72 sqrt(mean), the normal
+    law's quantile, for a large mean)."""
+    r = search._poisson_rank(mean, 1e-4)
+    assert mean + 3.5 * math.sqrt(mean) < r < mean + 4.2 * math.sqrt(mean)
+    if mean <= 1e4:
+        draws = np.random.default_rng(0).poisson(mean, 400_000)
+        assert (draws >= r).mean() <= 3e-4
+        assert (draws >= r - 3).mean() > 1e-4
+
+
+@pytest.mark.parametrize("n, d, b, k", [
+    (8000, 8, 4, 7180),  # k > N / 16: the faiss.knn path, whose row ranges once came from the planner
+    (96000, 4, 8, 6000),  # the blocked path: its threshold sample ranks k / 8 = 750 sample rows
+])
+def test_deep_searches_end_and_match_brute_force(n: int, d: int, b: int, k: int) -> None:
+    """Depths past 5962 (a coalesced run's search goes deeper than its k) end and are exact."""
+    rows = make_bank(n, d)
+    queries = make_queries(rows, b)
+    scores, ids = search_inner_product(rows, queries, k)
+    assert_same_knn(scores, ids, *brute_force_knn(rows, queries, k))
+
+
+@pytest.mark.parametrize("kind", [None, "bf16"])
+def test_zero_queries_get_an_empty_answer(kind: str | None) -> None:
+    rows = make_bank(20000, 16)
+    scores, ids = search_inner_product(rows, np.zeros((0, 16), np.float32), 10, prefilter.make(rows, kind))
+    assert scores.shape == ids.shape == (0, 10) and scores.dtype == np.float32 and ids.dtype == np.int64
 
 
 def test_keys_round_trip_and_sort_like_scores() -> None:

@@ -150,7 +150,7 @@ def test_bank_of_another_size_or_momentum_is_refused(server: str) -> None:
     client.create("mismatch/7", 50, 64, momentum=0.5)
     with pytest.raises(TrainerError, match="does not fit this run.*60 examples"):
         FeatureBanks.open(client, "mismatch", {7: 64}, 60, momentum=0.5, k=5)
-    with pytest.raises(TrainerError, match="momentum 0.5, this run needs 0.9"):
+    with pytest.raises(TrainerError, match=r"does not fit this run.*momentum 0.5 \(asked 0.9\)"):
         FeatureBanks.open(client, "mismatch", {7: 64}, 50, momentum=0.9, k=5)
     with pytest.raises(TrainerError, match="lower --nn-num"):
         FeatureBanks.open(client, "other", {7: 64}, 50, momentum=0.5, k=50)

@@ -147,10 +147,6 @@ class FeatureBanks:
         names = {b: f"{prefix}/{b}" for b in dims}
         for block, dim in dims.items():
             info = _create(client, names[block], size, dim, momentum, seed + block)
-            if abs(float(info["momentum"]) - momentum) > 1e-12:
-                raise TrainerError(f"bank {names[block]!r} at {client.address} updates with "
-                                   f"momentum {info['momentum']}, this run needs {momentum}; use "
-                                   "another --bank-prefix or restart the bank server")
             if int(info.get("updates", 0)) > 0:
                 logger.warning("bank %r at %s already holds %d updates: joining it as it is",
                                names[block], client.address, info["updates"])
