@@ -47,7 +47,7 @@ from fgc_bank.protocol import (
     encode_reply,
     peek_request_id,
 )
-from fgc_bank.search import set_threads
+from fgc_bank.stores.cpu.search import set_threads
 from fgc_bank.service import BankService, Limits
 
 logger = logging.getLogger(__name__)

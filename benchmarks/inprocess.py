@@ -6,7 +6,7 @@
 - ``torch-topk``: the FGC paper's search, one dense ``torch.mm`` over the whole bank and ``topk``.
 - ``search-fp32``, ``search-bf16``: fgc-bank's search with no prefilter, and with the bfloat16
   one (where the bank uses int8): what the prefilters buy, side by side.
-- ``search``: :func:`fgc_bank.search.search_inner_product` called directly: the bank's own search,
+- ``search``: :func:`fgc_bank.stores.cpu.search.search_inner_product` called directly: the bank's own search,
   configured as the bank configures it (same threads, same prefilter), with no bank around it.
 - ``bank``: ``knn`` on an in-process :class:`~fgc_bank.local.LocalBank` (protocol encode/decode,
   validation, the bank's bookkeeping, then the same search).
@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from benchmarks.timing import reps_for, time_once
-from fgc_bank import prefilter
+from fgc_bank.stores.cpu import prefilter
 from fgc_bank.local import LocalBank
-from fgc_bank.prefilter import Prefilter
-from fgc_bank.search import search_inner_product
+from fgc_bank.stores.cpu.prefilter import Prefilter
+from fgc_bank.stores.cpu.search import search_inner_product
 
 FAISS_BLAS_DATABASE_BS = 4096  # rows per FAISS GEMM block when its BLAS path is forced
 

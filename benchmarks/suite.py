@@ -12,10 +12,10 @@ import numpy as np
 from benchmarks import inprocess, remote
 from benchmarks.timing import Latency, Peak, Stats, reps_for
 from benchmarks.workloads import Workload, make_queries, make_update_ids
-from fgc_bank import prefilter
+from fgc_bank.stores.cpu import prefilter
 from fgc_bank.api import connect
 from fgc_bank.local import LocalBank
-from fgc_bank.search import search_inner_product, set_threads
+from fgc_bank.stores.cpu.search import search_inner_product, set_threads
 
 QUERY_BATCHES = 4
 SERVER_REPS = 3  # repetitions of each aggregate server measurement

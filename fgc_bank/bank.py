@@ -2,11 +2,13 @@
 
 This is the one implementation of the bank. The in-process bank and the server both call
 :meth:`MemoryBank.execute`; trainers that keep a bank of their own (the replicated gate bank) call
-:func:`momentum_update_`, the one place the update rule lives.
+:func:`momentum_update_`. :func:`momentum_rows` is the one place the update rule lives.
 
-Rows live in a torch tensor (so the same code can hold them on a GPU) that shares memory with a
-numpy view, which FAISS searches in place: rows are updated where they are, never by rebuilding an
-index.
+A bank is the coordination (validation, its lock, its version, the update rule, the coalesced
+execution of queued ops and its exactness replay); its rows and their search live in a row store
+(``fgc_bank.stores``: on the CPU, or a torch tensor on any device), updated where they are, never
+by rebuilding an index. Work between the bank and its store is done in torch on the store's
+device; what the bank answers is numpy on the host.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from fgc_bank import prefilter
 from fgc_bank.errors import BankError, ErrorCode
-from fgc_bank.search import search_inner_product
+from fgc_bank.stores import RowStore, make_store, store_class
+from fgc_bank.stores.cpu.prefilter import norm_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -33,27 +35,31 @@ MAX_NORM = 2.0**63  # rows and queries have smaller norms, so every score |q.r| 
 
 
 @torch.no_grad()
-def momentum_update_(rows: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, momentum: float) -> None:
-    """FGC's bank update, in place: ``rows[ids] = normalize(m * rows[ids] + (1 - m) * values)``.
+def momentum_rows(old: torch.Tensor, values: torch.Tensor, momentum: float) -> torch.Tensor:
+    """FGC's bank update rule: ``normalize(m * old + (1 - m) * values)``, a new tensor.
 
-    Every row written has norm 1 (within rounding) for every finite input, from denormals to the
+    Every row returned has norm 1 (within rounding) for every finite input, from denormals to the
     dtype's largest values. A mixed row that is exactly zero has no direction: it keeps its old
     value. On a GPU the check for the rare rows that need care costs one synchronisation.
 
     Parameters
     ----------
-    rows : (N, D) float tensor, updated in place.
-    ids : (B,) int64 tensor of distinct row ids.
+    old : (B, D) float tensor, the rows' current values (not modified).
     values : (B, D) tensor, the new features (or gate logits), not normalised; finite.
-    momentum : m in [0, 1]; 0 overwrites with the normalised values.
+    momentum : m in [0, 1]; 0 takes the normalised values.
     """
-    values = values.to(rows.dtype)
-    mixed = rows.index_select(0, ids).mul_(momentum).add_(values, alpha=1.0 - momentum)
+    values = values.to(old.dtype)
+    mixed = old.mul(momentum).add_(values, alpha=1.0 - momentum)
     norms = mixed.norm(dim=1, keepdim=True)
     if _norms_are_safe(norms):
-        rows.index_copy_(0, ids, mixed.div_(norms))
-    else:  # a norm that over- or underflowed (or a zero mix): redo these rows the careful way
-        rows.index_copy_(0, ids, _unit_mix(rows.index_select(0, ids), values, momentum))
+        return mixed.div_(norms)
+    return _unit_mix(old, values, momentum)  # a norm that over- or underflowed, or a zero mix
+
+
+@torch.no_grad()
+def momentum_update_(rows: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, momentum: float) -> None:
+    """:func:`momentum_rows` applied in place to rows ``ids`` (distinct) of an (N, D) tensor."""
+    rows.index_copy_(0, ids, momentum_rows(rows.index_select(0, ids), values, momentum))
 
 
 def _norms_are_safe(norms: torch.Tensor) -> bool:
@@ -97,8 +103,8 @@ class BankConfig:
     seed: int = 0
     dtype: str = "float32"
 
-    def validate(self, max_bytes: int) -> None:
-        """Reject configs a server must not build, before allocating anything."""
+    def validate(self, max_bytes: int, store: type[RowStore] | None = None) -> None:
+        """Reject configs a server must not build (in ``store``), before allocating anything."""
         if not 1 <= self.rows <= 2**31 - 1:
             raise BankError(ErrorCode.BAD_ARGUMENT, f"rows must be in [1, 2^31), got {self.rows}")
         if not 1 <= self.dim <= 65536:
@@ -111,21 +117,16 @@ class BankConfig:
             raise BankError(ErrorCode.BAD_ARGUMENT, f"dtype {self.dtype!r} is not supported; use float32")
         if not 0 <= self.seed < 2**63:
             raise BankError(ErrorCode.BAD_ARGUMENT, f"seed must be in [0, 2^63), got {self.seed}")
-        size = self.nbytes()
+        size = self.nbytes(store)
         if size > max_bytes:
             raise BankError(ErrorCode.TOO_LARGE, f"bank {self.name!r} would take {size / 2**30:.2f} GiB "
-                            f"({self.rows} x {self.dim} float32{_copy_note()}); "
+                            f"({self.rows} x {self.dim} float32 and the store's side copies); "
                             f"this server's limit is {max_bytes / 2**30:.2f} GiB")
 
-    def nbytes(self) -> int:
-        """Memory the bank's rows take: float32, plus the low-precision copy on CPUs that search
-        with one (``prefilter.best_kind``)."""
-        return self.rows * self.dim * 4 + prefilter.copy_bytes(self.rows, self.dim, prefilter.best_kind())
-
-
-def _copy_note() -> str:
-    kind = prefilter.best_kind()
-    return f" and its {kind} copy" if kind else ""
+    def nbytes(self, store: type[RowStore] | None = None) -> int:
+        """Memory the bank's rows take in ``store`` (the CPU store by default): float32, plus the
+        low-precision copy a store searches with."""
+        return (store or store_class("faiss", "cpu")).nbytes(self.rows, self.dim)
 
 
 def _check_values(values: np.ndarray, what: str, scored: bool) -> None:
@@ -137,7 +138,7 @@ def _check_values(values: np.ndarray, what: str, scored: bool) -> None:
         raise BankError(ErrorCode.NOT_FINITE, f"{what} contains NaN or Inf")
     if scored and max(-low, high) * math.sqrt(values.shape[1]) >= MAX_NORM:
         step = max(1, (1 << 22) // values.shape[1])
-        largest = max(float(prefilter.norm_bounds(values[i:i + step]).max()) for i in range(0, len(values), step))
+        largest = max(float(norm_bounds(values[i:i + step]).max()) for i in range(0, len(values), step))
         if largest >= MAX_NORM:
             raise BankError(ErrorCode.NOT_FINITE, f"{what} has a row of norm {largest:.3g}: norms must be below "
                             f"2^63 (~9.2e18), or float32 scores could overflow")
@@ -199,9 +200,10 @@ class OpResult:
 class MemoryBank:
     """N x D float32 rows with a momentum update and exact inner-product search.
 
-    On CPUs with int8 or bfloat16 dot products (``prefilter.best_kind``) the bank also keeps a
-    low-precision copy of its rows, refreshed wherever rows are written (:meth:`_apply_update`,
-    under the lock), which the search uses to find candidates before it ranks them in float32.
+    The rows live in a row store (``engine`` on ``device``, see :func:`fgc_bank.stores.make_store`):
+    by default the CPU store, which on CPUs with int8 or bfloat16 dot products also keeps a
+    low-precision copy of its rows that its search uses to find candidates before it ranks them
+    in float32.
 
     Numbers: rows and queries are finite, and every row or query that is scored (rows given to
     the constructor or written by ``overwrite``, queries and ``knn_update`` features) has a norm
@@ -210,16 +212,16 @@ class MemoryBank:
     float32's normal range (tiny rows against tiny queries) are as float32 computes them.
     """
 
-    def __init__(self, config: BankConfig, rows: torch.Tensor | None = None) -> None:
+    def __init__(self, config: BankConfig, rows: torch.Tensor | np.ndarray | None = None,
+                 engine: str = "auto", device: str | torch.device = "cpu") -> None:
         self.config = config
-        self.rows = self._initial_rows(config) if rows is None else rows
-        if tuple(self.rows.shape) != (config.rows, config.dim) or self.rows.dtype != torch.float32:
-            raise BankError(ErrorCode.BANK_MISMATCH, f"rows of shape {tuple(self.rows.shape)} "
+        initial = self._initial_rows(config) if rows is None else torch.as_tensor(rows)
+        if tuple(initial.shape) != (config.rows, config.dim) or initial.dtype != torch.float32:
+            raise BankError(ErrorCode.BANK_MISMATCH, f"rows of shape {tuple(initial.shape)} "
                             f"do not fit bank {config.name!r} ({config.rows} x {config.dim} float32)")
-        self.rows_np = self.rows.numpy()  # shares memory: FAISS searches the live rows
         if rows is not None:  # a restore's rows are checked like any written ones
-            _check_values(self.rows_np, "rows", scored=True)
-        self.low = prefilter.make(self.rows_np, prefilter.best_kind())
+            _check_values(initial.detach().cpu().numpy(), "rows", scored=True)
+        self.store = make_store(initial, engine, device)
         self.counters = {"updates": 0, "rows_updated": 0, "searches": 0, "queries": 0,
                          "coalesced_calls": 0}
         self.lock = threading.Lock()
@@ -236,6 +238,22 @@ class MemoryBank:
     def info(self) -> dict:
         """Config and counters, for ``info`` / ``stats`` / snapshots."""
         return {**asdict(self.config), **self.counters}
+
+    def placement(self) -> dict[str, str]:
+        """Where the rows live and what searches them, for ``info`` / ``stats``."""
+        return {"device": str(self.store.device), "engine": self.store.engine}
+
+    def export(self) -> np.ndarray:
+        """(N, D) float32 host copy of the rows (snapshots), taken under the lock."""
+        with self.lock:
+            return self.store.export()
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        """A request's array as a tensor on the store's device (no copy for a writable host
+        array and a CPU store; a received frame is read-only, so it is copied once)."""
+        if not array.flags.writeable:
+            array = array.copy()
+        return torch.from_numpy(array).to(self.store.device, non_blocking=True)
 
     # -- validation: everything that crosses a socket is checked before it touches the rows ------
 
@@ -309,7 +327,8 @@ class MemoryBank:
     def gather(self, ids: np.ndarray) -> np.ndarray:
         """Rows ``ids`` (B,) -> (B, D) float32 copy."""
         self._check_ids(ids, "ids")
-        return self.rows_np[ids]
+        with self.lock:
+            return _host(self.store.read(self._tensor(np.asarray(ids, np.int64))))
 
     def sample(self, m: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """``m`` distinct random ids (sorted) and their rows, reproducible from ``seed``."""
@@ -317,11 +336,12 @@ class MemoryBank:
             raise BankError(ErrorCode.BAD_ARGUMENT, f"m must be in [1, {self.config.rows}], got {m}")
         if not 0 <= seed < 2**63:
             raise BankError(ErrorCode.BAD_ARGUMENT, f"seed must be in [0, 2^63), got {seed}")
-        ids = np.sort(np.random.default_rng(seed).choice(self.config.rows, size=m, replace=False))
-        return ids.astype(np.int64), self.rows_np[ids]
+        ids = np.sort(np.random.default_rng(seed).choice(self.config.rows, size=m, replace=False)).astype(np.int64)
+        with self.lock:
+            return ids, _host(self.store.read(self._tensor(ids)))
 
     def execute(self, ops: Sequence[Op]) -> list[OpResult]:
-        """Apply ``ops`` in order, as if one at a time, with all their searches in one FAISS call.
+        """Apply ``ops`` in order, as if one at a time, with all their searches in one store search.
 
         Each op must have passed :meth:`validate`. Searches are run together against the rows as
         they are before the first op, ``depth`` deep; an op that follows updates in the same batch
@@ -339,92 +359,93 @@ class MemoryBank:
                 return results
             changes = sum(op.ids.shape[0] for op in ops[:-1] if not isinstance(op, Search))
             depth = self._depth(searches, changes)
-            queries = np.concatenate([self._queries(op) for op in searches]) if len(searches) > 1 \
-                else self._queries(searches[0])
-            scores, ids = search_inner_product(self.rows_np, queries, depth, self.low)
+            queries = self._tensor(np.concatenate([self._queries(op) for op in searches])) if len(searches) > 1 \
+                else self._tensor(self._queries(searches[0]))
+            scores, ids = self.store.search(queries, depth)
             self.counters["searches"] += len(searches)
             self.counters["queries"] += queries.shape[0]
             self.counters["coalesced_calls"] += 1
-            return self._replay(ops, scores, ids)
+            return self._replay(ops, queries, scores, ids)
 
     @staticmethod
     def _queries(op: Search | SearchUpdate) -> np.ndarray:
         return op.queries if isinstance(op, Search) else op.features
 
     def _depth(self, searches: list[Search | SearchUpdate], changes: int) -> int:
-        """How deep the run's one search goes. Internal, so not held to MAX_K: it may reach the
-        bank's size, which the search takes (its planner ends for any depth)."""
         base = max(op.k + (0 if isinstance(op, Search) and op.exclude is None else 1) for op in searches)
         if changes:  # room for the changed rows expected among each query's candidates
             base += 8 + math.ceil(4 * base * changes / self.config.rows)
         return min(base, self.config.rows)
 
-    def _replay(self, ops: Sequence[Op], scores: np.ndarray, ids: np.ndarray) -> list[OpResult]:
+    def _replay(self, ops: Sequence[Op], queries: torch.Tensor, scores: torch.Tensor,
+                ids: torch.Tensor) -> list[OpResult]:
         results: list[OpResult] = []
-        changed: list[np.ndarray] = []
+        changed: list[torch.Tensor] = []
         offset = 0
         for op in ops:
             if isinstance(op, Update):
-                self._apply_update(op.ids, op.values, op.mode)
-                changed.append(op.ids)
+                changed.append(self._apply_update(op.ids, op.values, op.mode))
                 results.append(OpResult(None, self.counters["updates"]))
                 continue
-            queries = self._queries(op)
-            rows = slice(offset, offset + queries.shape[0])
-            offset += queries.shape[0]
+            rows = slice(offset, offset + self._queries(op).shape[0])
+            offset = rows.stop
             exclude = op.ids if isinstance(op, SearchUpdate) else op.exclude
-            stale = np.unique(np.concatenate(changed)) if changed else None
-            knn = self._finish(queries, scores[rows], ids[rows], op.k, exclude, stale)
+            exclude = None if exclude is None else self._tensor(np.asarray(exclude, np.int64))
+            stale = torch.unique(torch.cat(changed)) if changed else None
+            top_scores, top_ids = self._finish(queries[rows], scores[rows], ids[rows], op.k, exclude, stale)
             if isinstance(op, SearchUpdate):
-                self._apply_update(op.ids, op.features, "momentum")
-                changed.append(op.ids)
+                changed.append(self._apply_update(op.ids, op.features, "momentum"))
             version = self.counters["updates"]
-            results.append(OpResult(KnnResult(knn.scores, knn.ids, version), version))
+            results.append(OpResult(KnnResult(_host(top_scores), _host(top_ids), version), version))
         return results
 
-    def _finish(self, queries: np.ndarray, scores: np.ndarray, ids: np.ndarray, k: int,
-                exclude: np.ndarray | None, stale: np.ndarray | None) -> KnnResult:
+    def _finish(self, queries: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor, k: int,
+                exclude: torch.Tensor | None, stale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Cut candidates (B, depth) to the top-k, dropping excluded ids and refreshing stale rows."""
         if stale is None and exclude is None:
-            return KnnResult(np.ascontiguousarray(scores[:, :k]), np.ascontiguousarray(ids[:, :k]))
+            return scores[:, :k], ids[:, :k]
         if stale is None:  # candidates are sorted: skip each query's own id where it appears
-            own = ids == exclude[:, None]
-            at = np.where(own.any(1), own.argmax(1), ids.shape[1])
-            take = np.arange(k)[None, :]
-            take = take + (take >= at[:, None])
-            return KnnResult(np.take_along_axis(scores, take, 1), np.take_along_axis(ids, take, 1))
+            own = ids == exclude[:, None]  # (B, depth)
+            at = torch.where(own.any(1), own.to(torch.uint8).argmax(1), ids.shape[1])  # (B,)
+            take = torch.arange(k, device=ids.device)[None, :]
+            take = take + (take >= at[:, None])  # (B, k)
+            return scores.gather(1, take), ids.gather(1, take)
         # stale rows: their scores in the candidates are old, so swap them for current ones
-        keep = ~np.isin(ids, stale)
+        keep = ~torch.isin(ids, stale)
         if exclude is not None:
             keep &= ids != exclude[:, None]
-        short = np.zeros(ids.shape[0], dtype=bool)
+        short = None
         if ids.shape[1] < self.config.rows:  # too few unchanged candidates: the merge could miss one
-            short = keep.sum(1) < k
-        fresh = queries @ self.rows_np[stale].T  # (B, S): current scores of the changed rows
-        fresh_keep = np.ones(fresh.shape, dtype=bool) if exclude is None else stale[None, :] != exclude[:, None]
-        scores = np.concatenate([scores, fresh], axis=1)
-        ids = np.concatenate([ids, np.broadcast_to(stale, fresh.shape)], axis=1)
-        keep = np.concatenate([keep, fresh_keep], axis=1)
-        masked = np.where(keep, scores, np.float32(-np.inf)).astype(np.float32, copy=False)
-        order = np.argsort(-masked, axis=1, kind="stable")[:, :k]
-        top_scores = np.take_along_axis(masked, order, 1)
-        top_ids = np.take_along_axis(ids, order, 1)
-        for i in np.flatnonzero(short):
-            top_scores[i], top_ids[i] = self._search_one(queries[i], k, None if exclude is None else int(exclude[i]))
-        return KnnResult(top_scores, top_ids)
+            short = keep.sum(1) < k  # (B,)
+        fresh = self.store.score(queries, stale)  # (B, S): current scores of the changed rows
+        fresh_keep = torch.ones_like(fresh, dtype=torch.bool) if exclude is None else stale[None, :] != exclude[:, None]
+        scores = torch.cat([scores, fresh], dim=1)
+        ids = torch.cat([ids, stale.expand(fresh.shape[0], -1)], dim=1)
+        masked = scores.masked_fill(~torch.cat([keep, fresh_keep], dim=1), float("-inf"))
+        top_scores, order = torch.sort(masked, dim=1, descending=True, stable=True)
+        top_scores, top_ids = top_scores[:, :k].contiguous(), ids.gather(1, order[:, :k])
+        for i in ([] if short is None else short.nonzero().flatten().tolist()):  # a host sync, rarely taken
+            top_scores[i], top_ids[i] = self._search_one(queries[i], k, None if exclude is None else exclude[i])
+        return top_scores, top_ids
 
-    def _search_one(self, query: np.ndarray, k: int, exclude: int | None) -> tuple[np.ndarray, np.ndarray]:
-        scores, ids = search_inner_product(self.rows_np, query[None], min(k + 1, self.config.rows), self.low)
+    def _search_one(self, query: torch.Tensor, k: int, exclude: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, ids = self.store.search(query[None], min(k + 1, self.config.rows))
         keep = ids[0] != (-2 if exclude is None else exclude)
         return scores[0][keep][:k], ids[0][keep][:k]
 
-    def _apply_update(self, ids: np.ndarray, values: np.ndarray, mode: str) -> None:
-        if mode == "overwrite":  # verbatim: restores or seeds rows exactly as given
-            self.rows_np[ids] = values
-        else:
-            momentum_update_(self.rows, torch.from_numpy(np.array(ids, dtype=np.int64)),
-                             torch.from_numpy(np.array(values, dtype=np.float32)), self.config.momentum)
-        if self.low is not None:
-            self.low.refresh(ids)
+    def _apply_update(self, ids: np.ndarray, values: np.ndarray, mode: str) -> torch.Tensor:
+        """Write rows ``ids`` (overwrite: verbatim, as restores and seeds need; momentum: FGC's
+        rule); the ids, as a tensor on the store's device."""
+        index = self._tensor(np.asarray(ids, np.int64))
+        new = self._tensor(np.asarray(values, np.float32))
+        if mode != "overwrite":
+            new = momentum_rows(self.store.read(index), new, self.config.momentum)
+        self.store.write(index, new)
         self.counters["updates"] += 1
         self.counters["rows_updated"] += int(ids.shape[0])
+        return index
+
+
+def _host(tensor: torch.Tensor) -> np.ndarray:
+    """A result as numpy on the host (no copy for a contiguous CPU tensor)."""
+    return tensor.detach().cpu().contiguous().numpy()

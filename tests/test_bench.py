@@ -16,7 +16,7 @@ from benchmarks.cli import bench
 from benchmarks.suite import MAX_PAIRS, MIN_PAIRS, WIRE_MIN_REQUESTS, pairing
 from benchmarks.timing import Latency, Stats
 from benchmarks.workloads import WORKLOADS, make_queries, make_update_ids
-from fgc_bank import prefilter
+from fgc_bank.stores.cpu import prefilter
 
 pytestmark = pytest.mark.slow
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from fgc_bank import prefilter, search
+from fgc_bank.stores.cpu import prefilter, search
 from fgc_bank.bank import BankConfig, MemoryBank, Search, SearchUpdate, Update
 from fgc_bank.errors import BankError, ErrorCode
-from fgc_bank.prefilter import SAFE_NORMS, Bf16Rows, Int8Rows, round_down_bf16
-from fgc_bank.search import search_inner_product
+from fgc_bank.stores.cpu.prefilter import SAFE_NORMS, Bf16Rows, Int8Rows, round_down_bf16
+from fgc_bank.stores.cpu.search import search_inner_product
 from tests.test_search import assert_exact, make_bank, make_queries
 
 INT8 = pytest.param("int8", marks=pytest.mark.skipif(

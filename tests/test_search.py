@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import assert_same_knn, brute_force_knn
 
-from fgc_bank import prefilter, search
-from fgc_bank.search import search_inner_product
+from fgc_bank.stores.cpu import prefilter, search
+from fgc_bank.stores.cpu.search import search_inner_product
 
 
 def make_bank(n: int, d: int, seed: int = 0) -> np.ndarray:

@@ -38,7 +38,7 @@ What this module does instead:
     Exactness is checked, not assumed: an answer is exact when its k-th score is above the
     threshold; a query that fails the check is searched again with ``faiss.knn``.
   - threshold with a prefilter, when the caller keeps a low-precision copy of the rows
-    (``fgc_bank.prefilter``; the bank does on CPUs with int8 or bfloat16 dot products): the chunk
+    (``fgc_bank.stores.cpu.prefilter``; the bank does on CPUs with int8 or bfloat16 dot products): the chunk
     GEMM runs in int8 (about 4.5x the float32 rate here) or bfloat16 (2.9x), each query's
     threshold lowered by a proven bound on the low-precision error and folded into the GEMM, so
     the filter is one test per score. The rows that pass are scored again in float32
@@ -64,7 +64,20 @@ import faiss
 import numpy as np
 import torch
 
-from fgc_bank.prefilter import Prefilter, Scan, scratch
+from fgc_bank.stores.cpu.costs import (
+    CANDIDATE_NS,
+    ENCODE_NS,
+    ENCODE_VALUE_NS,
+    FLOP_NS,
+    HEAP_INSERT_NS,
+    HEAP_LEVEL_NS,
+    HEAP_SCAN_NS,
+    RESCORE_NS,
+    SAMPLE_GROUP,
+    SAMPLE_ROW_NS,
+    THRESHOLD_SCAN_NS,
+)
+from fgc_bank.stores.cpu.prefilter import Prefilter, Scan, scratch
 
 SCORES_PER_CHUNK = 1 << 20  # threshold strategy: one thread's (c, B) score buffer, 4 MB
 HEAP_SCORES_PER_CHUNK = 1 << 19  # heap strategy: one thread's (B, c) score buffer, 2 MB
@@ -74,16 +87,6 @@ MIN_ROWS_PER_THREAD = 4096  # below this a thread's share is not worth the hand-
 MIN_BATCH = 8  # fewer queries: faiss.knn's own paths are as good
 MAX_BATCH = 1024  # more queries (coalesced requests): searched in equal blocks of at most this many
 MISS_RATE = 1e-4  # per query: chance that the threshold is too high and the query is searched again
-# Rough costs on one thread, only used to choose the sample size (measured on a 2-core EPYC):
-CANDIDATE_NS = 40.0  # one score that survives the threshold, carried to the final sort
-SAMPLE_ROW_NS = 0.6  # one sampled score through the group maximum and topk, beyond its GEMM flops
-FLOP_NS = 0.011  # one flop of a single-threaded sgemm
-SAMPLE_GROUP = 8  # sample scores per group whose maximum stands for them in the threshold
-ENCODE_NS, ENCODE_VALUE_NS = 190_000.0, 9.0  # a prefilter encoding B queries of D values (fixed, per value)
-THRESHOLD_SCAN_NS = 0.45  # one score through compare + flatnonzero
-RESCORE_NS = 6.0  # one candidate scored again in float32 (faiss.pairwise_indexed_inner_product)
-HEAP_SCAN_NS = 0.3  # one score through a FAISS heap's compare
-HEAP_INSERT_NS, HEAP_LEVEL_NS = 10.0, 6.0  # one heap insertion: fixed + per level of the heap
 
 _pool_lock = threading.Lock()
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -124,7 +127,7 @@ def search_inner_product(rows: np.ndarray, queries: np.ndarray, k: int,
     rows : (N, D) float32, C-contiguous; searched in place, never copied.
     queries : (B, D) float32.
     k : 1 <= k <= N.
-    low : a low-precision copy of ``rows`` kept in step with them (``fgc_bank.prefilter``):
+    low : a low-precision copy of ``rows`` kept in step with them (``fgc_bank.stores.cpu.prefilter``):
         candidates are then found in low precision and ranked in float32, with the same answer.
 
     Returns
@@ -552,7 +555,7 @@ def _group(b: int, found_q: list[np.ndarray], found_v: list[np.ndarray],
 
 def _scan_filtered(rows: np.ndarray, queries: np.ndarray, scan: Scan, threshold: np.ndarray,
                    pieces: Iterable[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_scan` with a prefilter: ``scan`` (``fgc_bank.prefilter``) finds, per piece, a
+    """:func:`_scan` with a prefilter: ``scan`` (``fgc_bank.stores.cpu.prefilter``) finds, per piece, a
     superset of the (row, query) pairs whose float32 score beats the query's threshold; those are
     scored again in float32 while the rows are still in cache, and kept if they beat it."""
     b, d = queries.shape

@@ -1,0 +1,70 @@
+"""Row stores, and the one registry that picks one for an engine and a device.
+
+Engines: ``faiss``, the CPU store (:mod:`fgc_bank.stores.cpu`: torch.mm, FAISS heaps and the
+int8/bf16 prefilter; host memory only), and ``torch``, the torch store
+(:mod:`fgc_bank.stores.torch_store`: a tensor on any device, low-precision scoring checked by a
+proven bound). ``auto`` picks the CPU store on a CPU when FAISS is installed, else the torch store.
+Devices: ``cpu``, ``cuda``, ``cuda:N``; ``auto`` is the first GPU torch sees, else the CPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import torch
+
+from fgc_bank.errors import BankError, ErrorCode
+from fgc_bank.stores.base import RowStore
+
+ENGINES = {"faiss": "fgc_bank.stores.cpu:CpuStore", "torch": "fgc_bank.stores.torch_store:TorchStore"}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device; ``auto``: the first GPU torch sees, else the CPU. A GPU that
+    is not there is a BankError, not a CUDA traceback."""
+    if str(device) == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise BankError(ErrorCode.BAD_ARGUMENT, f"unknown device {device!r}: {exc}") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BankError(ErrorCode.BAD_ARGUMENT, f"device {device!r}: this torch has no CUDA GPU "
+                            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})")
+        index = 0 if resolved.index is None else resolved.index
+        if index >= torch.cuda.device_count():
+            raise BankError(ErrorCode.BAD_ARGUMENT, f"device {device!r}: torch sees "
+                            f"{torch.cuda.device_count()} GPU(s)")
+        return torch.device("cuda", index)
+    if resolved.type != "cpu":
+        raise BankError(ErrorCode.BAD_ARGUMENT, f"device {device!r}: banks live on cpu or cuda devices")
+    return resolved
+
+
+def resolve_engine(engine: str, device: torch.device) -> str:
+    """``engine`` for ``device``; ``auto``: the CPU store on a CPU with FAISS, else torch."""
+    if engine == "auto":
+        return "faiss" if device.type == "cpu" and importlib.util.find_spec("faiss") else "torch"
+    if engine not in ENGINES:
+        raise BankError(ErrorCode.BAD_ARGUMENT, f"unknown engine {engine!r}; engines: auto, {', '.join(ENGINES)}")
+    if engine == "faiss" and device.type != "cpu":
+        raise BankError(ErrorCode.BAD_ARGUMENT, "engine 'faiss' searches host memory; a bank on "
+                        f"{device} is searched by engine 'torch'")
+    if engine == "faiss" and not importlib.util.find_spec("faiss"):
+        raise BankError(ErrorCode.BAD_ARGUMENT, "engine 'faiss' needs FAISS: pip install 'fgc-bank[cpu]'")
+    return engine
+
+
+def store_class(engine: str = "auto", device: str | torch.device = "cpu") -> type[RowStore]:
+    """The store class that ``engine`` names on ``device``."""
+    module, name = ENGINES[resolve_engine(engine, resolve_device(device))].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def make_store(rows: torch.Tensor, engine: str = "auto", device: str | torch.device = "cpu") -> RowStore:
+    """A store holding ``rows`` (N, D) float32 (copied or moved to ``device``)."""
+    resolved = resolve_device(device)
+    cls = store_class(engine, resolved)
+    return cls(rows) if resolved.type == "cpu" and cls.__name__ == "CpuStore" else cls(rows, resolved)
