@@ -1097,6 +1097,9 @@ class FuzzRun:
         detail = f"{len(unanswered)} of a window of {len(window)} unanswered"
         if kind == "death":
             detail += f"; exit status {self.server.proc.returncode}; {_exception_of(self.server.errors_logged(60))}"
+        else:
+            status = self.stop(timeout_s=5.0 * TIME_FACTOR)
+            detail += "; SIGTERM " + ("stopped it" if status is not None else "did not stop it within 5 s (killed)")
         culprit = self._isolate(sorted(unanswered, key=lambda m: m.index))
         if culprit is not None:
             self.known_killers.add(culprit.signature)
@@ -1104,7 +1107,7 @@ class FuzzRun:
 
     def _isolate(self, suspects: list[Message]) -> Message | None:
         """Replay ``suspects`` one at a time on a fresh server; the first that kills or freezes it."""
-        self._restart()
+        self._restart()  # stops the old server if it is still there
         for message in suspects[:64]:
             unanswered, _ = self._exchange([message], record=False, timeout_s=self.isolate_timeout_s)
             if unanswered and self._health() is not None:
