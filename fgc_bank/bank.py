@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fgc_bank import prefilter
-from fgc_bank.errors import BankError, ErrorCode
+from fgc_bank.errors import BankError, ErrorCode, quote
 from fgc_bank.search import search_inner_product
 
 logger = logging.getLogger(__name__)
@@ -106,9 +106,9 @@ class BankConfig:
         if not (isinstance(self.momentum, (int, float)) and 0.0 <= self.momentum < 1.0):
             raise BankError(ErrorCode.BAD_ARGUMENT, f"momentum must be in [0, 1), got {self.momentum}")
         if self.init not in INITS:
-            raise BankError(ErrorCode.BAD_ARGUMENT, f"init must be one of {INITS}, got {self.init!r}")
+            raise BankError(ErrorCode.BAD_ARGUMENT, f"init must be one of {INITS}, got {quote(self.init)}")
         if self.dtype != "float32":
-            raise BankError(ErrorCode.BAD_ARGUMENT, f"dtype {self.dtype!r} is not supported; use float32")
+            raise BankError(ErrorCode.BAD_ARGUMENT, f"dtype {quote(self.dtype)} is not supported; use float32")
         if not 0 <= self.seed < 2**63:
             raise BankError(ErrorCode.BAD_ARGUMENT, f"seed must be in [0, 2^63), got {self.seed}")
         size = self.nbytes()
@@ -291,7 +291,7 @@ class MemoryBank:
             self._check_k(op.k, op.exclude is not None)
         elif isinstance(op, Update):
             if op.mode not in UPDATE_MODES:
-                raise BankError(ErrorCode.BAD_ARGUMENT, f"update mode must be one of {UPDATE_MODES}, got {op.mode!r}")
+                raise BankError(ErrorCode.BAD_ARGUMENT, f"update mode must be one of {UPDATE_MODES}, got {quote(op.mode)}")
             self._check_ids(op.ids, "ids")
             self._check_rows(op.values, "rows", op.ids.shape[0], scored=op.mode == "overwrite")
             self._check_distinct(op.ids)
