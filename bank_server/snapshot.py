@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from fgc_bank.bank import BankConfig, MemoryBank
-from fgc_bank.errors import BankError, ErrorCode
+from fgc_bank.errors import BankError, ErrorCode, quote
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ PREFIX = "snapshot-"
 MANIFEST = "manifest.json"
 CHECKSUM = "manifest.sha256"
 UNLOADABLE = "unloadable.json"  # snapshots that failed to load, and why: never pruned, by any process
-NAME_RE = re.compile(r"snapshot-\d{8,}")
+NAME_RE = re.compile(r"snapshot-\d{8,18}")  # a sequence number, never a path the OS refuses
 _BANK_FILE_RE = re.compile(r"bank-\d{3,}\.npy")
 MAX_PENDING_SCOPES = 16  # distinct (prefix, retain) snapshots waiting; beyond: busy
 MAX_WAITERS = 4096  # snapshot requests waiting in all; beyond: busy
@@ -465,7 +465,7 @@ class Snapshotter:
         """Snapshot ``name`` read and verified in full (for a restore); no prune runs meanwhile."""
         path = self.directory / name
         if not NAME_RE.fullmatch(name) or not path.is_dir():
-            raise BankError(ErrorCode.BAD_ARGUMENT, f"no snapshot named {name!r:.80} in {self.directory}")
+            raise BankError(ErrorCode.BAD_ARGUMENT, f"no snapshot named {quote(name)} in {self.directory}")
         with self._lock:
             try:
                 loaded = load(path)

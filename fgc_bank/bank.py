@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from fgc_bank.errors import BankError, ErrorCode
+from fgc_bank.errors import BankError, ErrorCode, quote
 from fgc_bank.stores import RowStore, make_store, store_class
 from fgc_bank.stores.cpu.prefilter import norm_bounds
 
@@ -112,9 +112,9 @@ class BankConfig:
         if not (isinstance(self.momentum, (int, float)) and 0.0 <= self.momentum < 1.0):
             raise BankError(ErrorCode.BAD_ARGUMENT, f"momentum must be in [0, 1), got {self.momentum}")
         if self.init not in INITS:
-            raise BankError(ErrorCode.BAD_ARGUMENT, f"init must be one of {INITS}, got {self.init!r}")
+            raise BankError(ErrorCode.BAD_ARGUMENT, f"init must be one of {INITS}, got {quote(self.init)}")
         if self.dtype != "float32":
-            raise BankError(ErrorCode.BAD_ARGUMENT, f"dtype {self.dtype!r} is not supported; use float32")
+            raise BankError(ErrorCode.BAD_ARGUMENT, f"dtype {quote(self.dtype)} is not supported; use float32")
         if not 0 <= self.seed < 2**63:
             raise BankError(ErrorCode.BAD_ARGUMENT, f"seed must be in [0, 2^63), got {self.seed}")
         size = self.nbytes(store)
@@ -309,7 +309,7 @@ class MemoryBank:
             self._check_k(op.k, op.exclude is not None)
         elif isinstance(op, Update):
             if op.mode not in UPDATE_MODES:
-                raise BankError(ErrorCode.BAD_ARGUMENT, f"update mode must be one of {UPDATE_MODES}, got {op.mode!r}")
+                raise BankError(ErrorCode.BAD_ARGUMENT, f"update mode must be one of {UPDATE_MODES}, got {quote(op.mode)}")
             self._check_ids(op.ids, "ids")
             self._check_rows(op.values, "rows", op.ids.shape[0], scored=op.mode == "overwrite")
             self._check_distinct(op.ids)

@@ -171,7 +171,7 @@ def _decode_arrays(meta: Any, frames: Sequence[Any], max_frame_bytes: int = MAX_
             raise _fail(ErrorCode.BAD_MESSAGE, f"array {quote(name)} is listed twice")
         if kind not in DTYPES:
             raise _fail(ErrorCode.BAD_DTYPE, f"array {quote(name)} has dtype {quote(kind)}; expected one of {sorted(DTYPES)}")
-        if len(shape) > 4 or not all(isinstance(s, int) and 0 <= s < 2**40 for s in shape):
+        if len(shape) > 4 or not all(type(s) is int and 0 <= s < 2**40 for s in shape):  # not bool
             raise _fail(ErrorCode.BAD_SHAPE, f"array {quote(name)} has an invalid shape {quote(shape)}")
         buf = memoryview(frame)
         expected = math.prod(shape) * DTYPES[kind].itemsize

@@ -9,7 +9,16 @@ import pytest
 import torch
 from conftest import assert_same_knn, brute_force_knn, momentum_oracle
 
-from fgc_bank.bank import MAX_K, MAX_NORM, BankConfig, MemoryBank, Search, SearchUpdate, Update, momentum_update_
+from fgc_bank.bank import (
+    MAX_K,
+    MAX_NORM,
+    BankConfig,
+    MemoryBank,
+    Search,
+    SearchUpdate,
+    Update,
+    momentum_update_,
+)
 from fgc_bank.errors import BankError, ErrorCode
 
 

@@ -133,3 +133,17 @@ def test_a_handler_that_raises_is_answered_internal_and_the_loop_goes_on(in_proc
         sock.close()
     with connect(in_process_server.address, timeout=10 * TIME_FACTOR) as bank:
         assert bank.hello()["protocol"] == 1
+
+
+def test_a_restore_of_a_name_the_os_refuses_is_a_bad_argument(tmp_path) -> None:
+    server = BankServer(ServerConfig(port=0, snapshot_dir=tmp_path / "snaps"))
+    try:
+        server.snapshotter.snapshot()  # the directory holds a snapshot
+        reply = []
+        server._respond = lambda replies: reply.extend(r for _, r in replies)
+        server._run_admin(Job(None, Request("restore", None, {"name": "snapshot-" + "9" * 300}, {}, 5)))
+        assert reply[0].error is not None and reply[0].error.code is ErrorCode.BAD_ARGUMENT
+        assert len(reply[0].error.message) < 300
+    finally:
+        server.stop()
+        server._shutdown()

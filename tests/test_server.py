@@ -151,6 +151,8 @@ HOSTILE = {
     "k nested 1000 deep": ([deep("k"), Q.tobytes()], ErrorCode.BAD_ARGUMENT),
     "array entry nested 1000 deep": ([deep("entry"), Q.tobytes()], ErrorCode.BAD_MESSAGE),
     "shape nested 1000 deep": ([deep("shape"), Q.tobytes()], ErrorCode.BAD_SHAPE),
+    "bool in a shape": ([hdr(op="gather", args={}, arrays=[["ids", "int64", [True]]]), np.zeros(1, np.int64).tobytes()],
+                        ErrorCode.BAD_SHAPE),
     "array named twice": ([hdr(arrays=[["queries", "float32", [2, 8]]] * 2), Q.tobytes(), Q.tobytes()],
                           ErrorCode.BAD_MESSAGE),
     "more parts than arrays allowed": ([hdr(), *[Q.tobytes()] * 20], ErrorCode.TOO_LARGE),
