@@ -47,8 +47,8 @@ from fgc_bank.protocol import (
     encode_reply,
     peek_request_id,
 )
-from fgc_bank.stores.cpu.search import set_threads
 from fgc_bank.service import BankService, Limits
+from fgc_bank.stores import Placement
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,8 @@ class ServerConfig:
     max_queued_bytes: int = 2**30  # request bytes held for the bank workers, over all workers
     max_unread_bytes: int = 2**30  # reply bytes ZeroMQ may hold for clients that do not read
     limits: Limits = field(default_factory=Limits)
+    device: str = "cpu"  # where banks live: cpu, cuda, cuda:N, or auto (the first GPU, else cpu)
+    engine: str = "auto"  # what searches them: faiss (the CPU store), torch, or auto
     snapshot_dir: Path | None = None
     snapshot_every: float = 0.0  # seconds; 0: only on request and at shutdown
     snapshot_keep: int = 3  # per prefix (see bank_server.snapshot.prunable)
@@ -92,7 +94,7 @@ class BankServer:
 
     def __init__(self, config: ServerConfig, service: BankService | None = None) -> None:
         self.config = config
-        self.service = service or BankService(config.limits)
+        self.service = service or BankService(config.limits, Placement.resolve(config.engine, config.device))
         self.metrics = ServerMetrics()
         self.recent = RecentRequests()
         self.delivery = Delivery(config.max_unread_bytes, max(config.max_unread_bytes // 4, 1))
@@ -112,7 +114,10 @@ class BankServer:
             self.close()
             raise BankError(ErrorCode.BAD_ARGUMENT, f"cannot bind {config.bind_address}: {exc}") from None
         self.address = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
-        set_threads(config.faiss_threads)
+        if self.service.placement.engine == "faiss":
+            from fgc_bank.stores.cpu.search import set_threads
+
+            set_threads(config.faiss_threads)
         self.shutdown_error: str | None = None  # why the final snapshot failed: serve exits non-zero
         try:
             startup = self._restore_latest()
@@ -128,7 +133,8 @@ class BankServer:
         self.snapshotter = None
         if config.snapshot_dir is not None:
             self.snapshotter = snapshots.Snapshotter(config.snapshot_dir, self.dispatcher.barrier, self._capture,
-                                                     config.snapshot_every, config.snapshot_keep)
+                                                     config.snapshot_every, config.snapshot_keep,
+                                                     self.service.placement)
             self.snapshotter.remember(startup)
 
     def _configure_router(self, config: ServerConfig) -> None:
@@ -364,7 +370,7 @@ class BankServer:
         except OSError as exc:
             raise BankError(ErrorCode.SNAPSHOT_FAILED, f"cannot use --snapshot-dir {directory}: {exc}") from None
         skip = self.config.skip_unloadable_snapshots
-        startup = snapshots.load_latest(directory, keep_going=skip)
+        startup = snapshots.load_latest(directory, keep_going=skip, placement=self.service.placement)
         if startup.failed and not skip:
             name, why = next(iter(startup.failed.items()))
             raise BankError(ErrorCode.SNAPSHOT_FAILED, f"cannot restore {name} from {directory} ({why}); fix it "

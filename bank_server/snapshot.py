@@ -46,6 +46,7 @@ import torch
 
 from fgc_bank.bank import BankConfig, MemoryBank
 from fgc_bank.errors import BankError, ErrorCode, quote
+from fgc_bank.stores import Placement
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class Capture:
 
 def capture(banks: dict[str, MemoryBank], applied: Any, prefix: str = "", retain: str | None = None) -> Capture:
     """Copy rows and counters of the banks under ``prefix``; call it while the workers are paused."""
-    chosen = [(b.config, dict(b.counters), b.rows_np.copy()) for name, b in sorted(banks.items())
+    chosen = [(b.config, dict(b.counters), b.export()) for name, b in sorted(banks.items())
               if name.startswith(prefix)]
     return Capture(chosen, applied, prefix, retain)
 
@@ -238,24 +239,25 @@ def summarize(path: Path, manifest: dict[str, Any]) -> Summary:
         raise SnapshotError(f"{path.name}: malformed manifest ({exc.__class__.__name__}: {exc})") from None
 
 
-def _load_bank(path: Path, entry: dict[str, Any]) -> MemoryBank:
+def _load_bank(path: Path, entry: dict[str, Any], placement: Placement | None) -> MemoryBank:
     config = BankConfig(**entry["config"])
     rows = np.load(path / entry["file"], allow_pickle=False)
     if rows.dtype != np.float32 or list(rows.shape) != [config.rows, config.dim] or entry["shape"] != list(rows.shape):
         raise SnapshotError(f"{path.name}: bank {config.name!r} rows have shape {rows.shape} {rows.dtype}")
     if _digest(rows) != entry["sha256"]:
         raise SnapshotError(f"{path.name}: bank {config.name!r} fails its sha256 checksum")
-    bank = MemoryBank(config, torch.from_numpy(np.ascontiguousarray(rows)))
+    bank = MemoryBank(config, torch.from_numpy(np.ascontiguousarray(rows)), placement)
     bank.counters.update(entry["counters"])
     return bank
 
 
-def load(path: Path) -> Loaded:
-    """Load and verify one snapshot in full; raise SnapshotError naming what is wrong."""
+def load(path: Path, placement: Placement | None = None) -> Loaded:
+    """Load and verify one snapshot in full, its banks held as ``placement`` says (the CPU store
+    by default); raise SnapshotError naming what is wrong."""
     manifest = read_manifest(path)
     summary = summarize(path, manifest)
     try:
-        banks = [_load_bank(path, entry) for entry in manifest["banks"]]
+        banks = [_load_bank(path, entry, placement) for entry in manifest["banks"]]
     except SnapshotError:
         raise
     except (OSError, ValueError, KeyError, TypeError, BankError) as exc:
@@ -266,9 +268,9 @@ def load(path: Path) -> Loaded:
     return Loaded(summary, banks, manifest)
 
 
-def read(path: Path) -> tuple[list[MemoryBank], dict[str, Any]]:
+def read(path: Path, placement: Placement | None = None) -> tuple[list[MemoryBank], dict[str, Any]]:
     """:func:`load`, as (banks, manifest)."""
-    loaded = load(path)
+    loaded = load(path, placement)
     return loaded.banks, loaded.manifest
 
 
@@ -307,7 +309,7 @@ def update_unloadable(directory: Path, failed: dict[str, str], loaded: Iterable[
     return changed
 
 
-def load_latest(directory: Path, keep_going: bool = False) -> Startup:
+def load_latest(directory: Path, keep_going: bool = False, placement: Placement | None = None) -> Startup:
     """The snapshots that restore the newest state of every bank: newest first, each snapshot not
     covered by a newer one already loaded is loaded and verified. A snapshot that fails is
     recorded; the scan then stops, unless ``keep_going`` (then an older snapshot of the same
@@ -318,7 +320,7 @@ def load_latest(directory: Path, keep_going: bool = False) -> Startup:
         if any(covers(done.summary.prefix, _prefix_or_none(path)) for done in found.loaded):
             continue
         try:
-            found.loaded.append(load(path))
+            found.loaded.append(load(path, placement))
         except SnapshotError as exc:
             logger.warning("cannot load snapshot: %s", exc)
             found.failed[path.name] = str(exc)
@@ -371,8 +373,9 @@ class Snapshotter:
     """
 
     def __init__(self, directory: Path, pause: Callable[[Callable[[], Any]], Any],
-                 take: Callable[[str, str | None], Capture], every: float = 0.0, keep: int = 3) -> None:
-        self.directory, self.every, self.keep = directory, every, keep
+                 take: Callable[[str, str | None], Capture], every: float = 0.0, keep: int = 3,
+                 placement: Placement | None = None) -> None:
+        self.directory, self.every, self.keep, self.placement = directory, every, keep, placement
         self._pause, self._take = pause, take
         self._lock = threading.Lock()  # one writer or reader of the directory at a time
         self._cond = threading.Condition()
@@ -468,7 +471,7 @@ class Snapshotter:
             raise BankError(ErrorCode.BAD_ARGUMENT, f"no snapshot named {quote(name)} in {self.directory}")
         with self._lock:
             try:
-                loaded = load(path)
+                loaded = load(path, self.placement)
             except SnapshotError as exc:
                 self._bad = update_unloadable(self.directory, {name: str(exc)})
                 raise BankError(ErrorCode.BAD_ARGUMENT, f"snapshot {name} does not verify: {exc}") from None

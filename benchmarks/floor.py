@@ -24,6 +24,7 @@ from typing import Any
 
 import click
 import numpy as np
+import torch
 import zmq
 
 from benchmarks import remote
@@ -31,6 +32,7 @@ from benchmarks.workloads import WORKLOADS, Workload, make_queries
 from fgc_bank.api import connect
 from fgc_bank.bank import MemoryBank
 from fgc_bank.protocol import Reply, Request, encode_reply, encode_request
+from fgc_bank.stores.cpu import CpuStore
 from fgc_bank.stores.cpu.search import search_inner_product, set_threads
 
 QUERY_BATCHES = 4
@@ -40,7 +42,7 @@ STOP = b"stop"
 def serve_bare(address_file: Path, workload: Workload, seed: int, threads: int) -> None:
     """The bare server: answer each knn frame set on the receiving thread until ``STOP``."""
     set_threads(threads)
-    bank = MemoryBank(workload.bank_config(seed))
+    store = CpuStore(torch.from_numpy(MemoryBank(workload.bank_config(seed)).export()))
     router = zmq.Context.instance().socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     port = router.bind_to_random_port("tcp://127.0.0.1")
@@ -50,7 +52,7 @@ def serve_bare(address_file: Path, workload: Workload, seed: int, threads: int) 
         if frames[1].bytes == STOP:
             return
         queries = np.frombuffer(frames[2].buffer, dtype=np.float32).reshape(-1, workload.dim)
-        scores, ids = search_inner_product(bank.rows_np, queries, workload.k, bank.low)
+        scores, ids = search_inner_product(store.rows_np, queries, workload.k, store.low)
         router.send_multipart([frames[0], *encode_reply(Reply(0, arrays={"scores": scores, "ids": ids}))], copy=False)
 
 
@@ -82,15 +84,15 @@ def measure(workload: Workload, blocks: int, per_block: int, threads: int = 0, s
     """
     set_threads(threads)
     cfg = workload.bank_config(seed)
-    bank = MemoryBank(cfg)
-    queries = make_queries(bank.rows_np.__getitem__, workload.rows, workload.batch, QUERY_BATCHES, seed)
+    store = CpuStore(torch.from_numpy(MemoryBank(cfg).export()))
+    queries = make_queries(store.rows_np.__getitem__, workload.rows, workload.batch, QUERY_BATCHES, seed)
     with tempfile.TemporaryDirectory(prefix="fgc-bank-floor-") as tmp, remote.Server(threads) as server, \
             connect(server.address, **remote.CLIENT_OPTIONS) as client:
         client.create(cfg.name, cfg.rows, cfg.dim, momentum=cfg.momentum, init=cfg.init, seed=cfg.seed)
         bare_process, bare = _start_bare(Path(tmp) / "address", workload, seed, threads, cfg.name)
         try:
             calls: dict[str, Callable[[np.ndarray], Any]] = {
-                "search": lambda q: search_inner_product(bank.rows_np, q, workload.k, bank.low),
+                "search": lambda q: search_inner_product(store.rows_np, q, workload.k, store.low),
                 "server": lambda q: client.knn(cfg.name, q, workload.k),
                 "bare": lambda q: bare.knn(q, workload.k),
             }

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from benchmarks.timing import reps_for, time_once
-from fgc_bank.stores.cpu import prefilter
 from fgc_bank.local import LocalBank
+from fgc_bank.stores.cpu import prefilter
 from fgc_bank.stores.cpu.prefilter import Prefilter
 from fgc_bank.stores.cpu.search import search_inner_product
 

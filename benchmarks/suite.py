@@ -8,13 +8,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from benchmarks import inprocess, remote
 from benchmarks.timing import Latency, Peak, Stats, reps_for
 from benchmarks.workloads import Workload, make_queries, make_update_ids
-from fgc_bank.stores.cpu import prefilter
 from fgc_bank.api import connect
 from fgc_bank.local import LocalBank
+from fgc_bank.stores.cpu import CpuStore, prefilter
 from fgc_bank.stores.cpu.search import search_inner_product, set_threads
 
 QUERY_BATCHES = 4
@@ -48,11 +49,14 @@ def run_workload(workload: Workload, peak: Peak, settings: Settings, tick: Calla
     local = LocalBank()
     local.create(cfg.name, cfg.rows, cfg.dim, momentum=cfg.momentum, init=cfg.init, seed=cfg.seed)
     name = cfg.name
-    rows = local.service.bank(name).rows_np  # the bank's live rows: every contender searches these
+    # A CPU store holding a copy of the bank's rows: the in-process contenders search its rows
+    # (and its low-precision copy), the in-process bank its own.
+    store = CpuStore(torch.from_numpy(local.service.bank(name).export()))
+    rows = store.rows_np
     queries = make_queries(rows.__getitem__, workload.rows, workload.batch, QUERY_BATCHES, settings.seed)
     ids = make_update_ids(workload.rows, workload.batch, QUERY_BATCHES, settings.seed + 1)
     tick(f"{workload.name}: bank built")
-    contenders = inprocess.methods(rows, workload.k, local, name, local.service.bank(name).low)
+    contenders = inprocess.methods(rows, workload.k, local, name, store.low)
     seconds = inprocess.measure(contenders, queries, settings.budget_s, settings.min_reps, settings.max_reps, tick)
     result: dict[str, Any] = {
         "workload": asdict(workload),
@@ -69,7 +73,7 @@ def run_workload(workload: Workload, peak: Peak, settings: Settings, tick: Calla
     }
     tick(f"{workload.name}: in-process bank steps")
     del contenders  # the bf16 copy; the bank stays for the search measured beside the server
-    low = local.service.bank(name).low
+    low = store.low
 
     def beside(count: int) -> float:
         """Queries/s of ``count`` raw searches in this process, after an untimed one."""

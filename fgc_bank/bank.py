@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fgc_bank.errors import BankError, ErrorCode, quote
-from fgc_bank.stores import RowStore, make_store, store_class
+from fgc_bank.stores import Placement, RowStore
 from fgc_bank.stores.cpu.prefilter import norm_bounds
 
 logger = logging.getLogger(__name__)
@@ -120,13 +120,13 @@ class BankConfig:
         size = self.nbytes(store)
         if size > max_bytes:
             raise BankError(ErrorCode.TOO_LARGE, f"bank {self.name!r} would take {size / 2**30:.2f} GiB "
-                            f"({self.rows} x {self.dim} float32 and the store's side copies); "
+                            f"({self.rows} x {self.dim} {(store or Placement.resolve().store).layout()}); "
                             f"this server's limit is {max_bytes / 2**30:.2f} GiB")
 
     def nbytes(self, store: type[RowStore] | None = None) -> int:
         """Memory the bank's rows take in ``store`` (the CPU store by default): float32, plus the
         low-precision copy a store searches with."""
-        return (store or store_class("faiss", "cpu")).nbytes(self.rows, self.dim)
+        return (store or Placement.resolve().store).nbytes(self.rows, self.dim)
 
 
 def _check_values(values: np.ndarray, what: str, scored: bool) -> None:
@@ -200,8 +200,8 @@ class OpResult:
 class MemoryBank:
     """N x D float32 rows with a momentum update and exact inner-product search.
 
-    The rows live in a row store (``engine`` on ``device``, see :func:`fgc_bank.stores.make_store`):
-    by default the CPU store, which on CPUs with int8 or bfloat16 dot products also keeps a
+    The rows live in a row store (``placement``: an engine on a device, see
+    :class:`fgc_bank.stores.Placement`): by default the CPU store, which on CPUs with int8 or bfloat16 dot products also keeps a
     low-precision copy of its rows that its search uses to find candidates before it ranks them
     in float32.
 
@@ -213,7 +213,7 @@ class MemoryBank:
     """
 
     def __init__(self, config: BankConfig, rows: torch.Tensor | np.ndarray | None = None,
-                 engine: str = "auto", device: str | torch.device = "cpu") -> None:
+                 placement: Placement | None = None) -> None:
         self.config = config
         initial = self._initial_rows(config) if rows is None else torch.as_tensor(rows)
         if tuple(initial.shape) != (config.rows, config.dim) or initial.dtype != torch.float32:
@@ -221,7 +221,7 @@ class MemoryBank:
                             f"do not fit bank {config.name!r} ({config.rows} x {config.dim} float32)")
         if rows is not None:  # a restore's rows are checked like any written ones
             _check_values(initial.detach().cpu().numpy(), "rows", scored=True)
-        self.store = make_store(initial, engine, device)
+        self.store = (placement or Placement.resolve()).make(initial)
         self.counters = {"updates": 0, "rows_updated": 0, "searches": 0, "queries": 0,
                          "coalesced_calls": 0}
         self.lock = threading.Lock()
@@ -236,12 +236,9 @@ class MemoryBank:
         return rows.div_(rows.norm(dim=1, keepdim=True).clamp_min_(1e-12))
 
     def info(self) -> dict:
-        """Config and counters, for ``info`` / ``stats`` / snapshots."""
-        return {**asdict(self.config), **self.counters}
-
-    def placement(self) -> dict[str, str]:
-        """Where the rows live and what searches them, for ``info`` / ``stats``."""
-        return {"device": str(self.store.device), "engine": self.store.engine}
+        """Config, counters, and where the rows live and what searches them (``info``, ``stats``)."""
+        return {**asdict(self.config), **self.counters, "device": str(self.store.device),
+                "engine": self.store.engine}
 
     def export(self) -> np.ndarray:
         """(N, D) float32 host copy of the rows (snapshots), taken under the lock."""

@@ -61,6 +61,12 @@ def main(log_level: str) -> None:
 @click.option("--port", type=click.IntRange(0, 65535), default=5555,
               help="TCP port; 0 picks a free port (the address is printed and written to --address-file).")
 @click.option("--endpoint", default=None, help="A full ZeroMQ endpoint (e.g. ipc:///tmp/bank.sock); overrides --host/--port.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where banks live: cpu, cuda, cuda:N, or auto (the first GPU torch sees, else cpu).")
+@click.option("--engine", type=click.Choice(["auto", "faiss", "torch"]), default="auto",
+              help="What searches them: faiss (the CPU store: torch.mm, FAISS heaps, int8/bf16 "
+                   "prefilter), torch (the torch store, on any device), auto (faiss on a CPU when "
+                   "installed, else torch).")
 @click.option("--workers", type=click.IntRange(1, 64), default=1,
               help="Bank worker threads; each bank is served by one, in order.")
 @click.option("--faiss-threads", type=click.IntRange(0, 1024), default=0,
@@ -105,7 +111,7 @@ def main(log_level: str) -> None:
               help="With --curve-secret: directory of the public key files of the clients allowed in.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="Serve Prometheus metrics over HTTP on this port (bound to --host); 0 picks one.")
-def serve(host: str, port: int, endpoint: str | None, workers: int, faiss_threads: int, coalesce_wait_ms: float,
+def serve(host: str, port: int, endpoint: str | None, device: str, engine: str, workers: int, faiss_threads: int, coalesce_wait_ms: float,
           max_queue: int, max_batch: int, max_frame_mib: float, max_bank_gib: float, max_total_gib: float | None,
           max_queued_mib: float, max_unread_mib: float, address_file: Path | None,
           snapshot_dir: Path | None, snapshot_every: float, snapshot_keep: int, skip_unloadable_snapshots: bool,
@@ -120,7 +126,7 @@ def serve(host: str, port: int, endpoint: str | None, workers: int, faiss_thread
     total = {} if max_total_gib is None else {"max_total_bytes": int(max_total_gib * 2**30)}
     limits = Limits(max_batch=max_batch, max_bank_bytes=int(max_bank_gib * 2**30),
                     max_reply_bytes=int(max_frame_mib * 2**20), **total)
-    config = ServerConfig(host=host, port=port, endpoint=endpoint, workers=workers,
+    config = ServerConfig(host=host, port=port, endpoint=endpoint, device=device, engine=engine, workers=workers,
                           faiss_threads=faiss_threads, coalesce_wait_s=coalesce_wait_ms / 1000, max_queue=max_queue,
                           max_frame_bytes=int(max_frame_mib * 2**20), limits=limits,
                           max_queued_bytes=int(max_queued_mib * 2**20), max_unread_bytes=int(max_unread_mib * 2**20),

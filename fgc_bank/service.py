@@ -11,13 +11,14 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from fgc_bank import __version__
 from fgc_bank.bank import BankConfig, MemoryBank, Op, OpResult, Search, SearchUpdate, Update
 from fgc_bank.errors import BankError, ErrorCode
 from fgc_bank.protocol import MAX_FRAME_BYTES, PROTOCOL_VERSION, Reply, Request
+from fgc_bank.stores import Placement
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +33,13 @@ def physical_memory() -> int:
         return 0
 
 
-def _default_total_bytes() -> int:
-    return int(0.75 * physical_memory()) or 64 * 2**30
+def device_memory(device: str) -> int:
+    """Bytes of memory on ``device`` (a GPU's own, or the machine's RAM); 0 where unknown."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
+    return physical_memory()
 
 
 @dataclass(frozen=True)
@@ -43,15 +49,17 @@ class Limits:
     max_batch: int = 65536  # rows or queries per request
     max_bank_bytes: int = 64 * 2**30
     max_banks: int = 64
-    max_total_bytes: int = field(default_factory=_default_total_bytes)  # all banks together
+    max_total_bytes: int = 0  # all banks together; 0: 3/4 of the memory of the banks' device
     max_reply_bytes: int = MAX_FRAME_BYTES  # one reply's arrays, checked before computing them
 
 
 class BankService:
     """Named banks and the operations on them."""
 
-    def __init__(self, limits: Limits = Limits()) -> None:
+    def __init__(self, limits: Limits = Limits(), placement: Placement | None = None) -> None:
         self.limits = limits
+        self.placement = placement or Placement.resolve()
+        self.max_total_bytes = limits.max_total_bytes or int(0.75 * device_memory(self.placement.device)) or 2**40
         self.banks: dict[str, MemoryBank] = {}
         self._lock = threading.Lock()  # guards the bank table, not the rows
         self.started = time.time()
@@ -177,7 +185,8 @@ class BankService:
         config = BankConfig(name=name or "", rows=args["rows"], dim=args["dim"],
                             momentum=float(args.get("momentum", 0.5)), init=args.get("init", "uniform"),
                             seed=args.get("seed", 0), dtype=args.get("dtype", "float32"))
-        config.validate(self.limits.max_bank_bytes)  # before anything: exist_ok checks arguments too
+        store = self.placement.store
+        config.validate(self.limits.max_bank_bytes, store)  # before anything: exist_ok checks arguments too
         with self._lock:
             existing = self.banks.get(config.name)
             if existing is not None:
@@ -188,18 +197,18 @@ class BankService:
             if len(self.banks) >= self.limits.max_banks:
                 raise BankError(ErrorCode.TOO_LARGE, f"this server holds at most {self.limits.max_banks} banks")
             held = self.held_bytes()
-            if held + config.nbytes() > self.limits.max_total_bytes:
-                raise BankError(ErrorCode.TOO_LARGE, f"bank {config.name!r} needs {config.nbytes() / 2**30:.2f} GiB "
+            if held + config.nbytes(store) > self.max_total_bytes:
+                raise BankError(ErrorCode.TOO_LARGE, f"bank {config.name!r} needs {config.nbytes(store) / 2**30:.2f} GiB "
                                 f"and the server's banks hold {held / 2**30:.2f} GiB of the "
-                                f"{self.limits.max_total_bytes / 2**30:.2f} GiB it allows for all banks")
-            self.banks[config.name] = bank = MemoryBank(config)
+                                f"{self.max_total_bytes / 2**30:.2f} GiB it allows for all banks")
+            self.banks[config.name] = bank = MemoryBank(config, placement=self.placement)
         logger.info("created bank %r: %d x %d, momentum %.3g, init %s", config.name, config.rows,
                     config.dim, config.momentum, config.init)
         return bank.info()
 
     def held_bytes(self) -> int:
         """Memory all banks take."""
-        return sum(b.config.nbytes() for b in list(self.banks.values()))
+        return sum(b.config.nbytes(type(b.store)) for b in list(self.banks.values()))
 
     def replace_banks(self, banks: Sequence[MemoryBank], prefix: str = "") -> None:
         """Install banks built elsewhere (a restored snapshot) in place of the current ones whose

@@ -32,36 +32,36 @@ def test_knn_matches_brute_force(rows: int, dim: int, batch: int, k: int, rng: n
     queries = rng.standard_normal((batch, dim)).astype(np.float32)
     result = bank.execute([Search(queries, k)])[0].knn
     assert result.scores.shape == (batch, k) and result.ids.dtype == np.int64
-    assert_same_knn(result.scores, result.ids, *brute_force_knn(bank.rows_np, queries, k))
+    assert_same_knn(result.scores, result.ids, *brute_force_knn(bank.export(), queries, k))
 
 
 def test_knn_excludes_each_querys_own_id(rng: np.random.Generator) -> None:
     bank = make_bank(400, 8)
     ids = rng.choice(400, 32, replace=False)
-    queries = bank.rows_np[ids] * 3  # each query's own row is its best match
+    queries = bank.export()[ids] * 3  # each query's own row is its best match
     result = bank.execute([Search(queries, 20, ids)])[0].knn
     assert not (result.ids == ids[:, None]).any()
-    assert_same_knn(result.scores, result.ids, *brute_force_knn(bank.rows_np, queries, 20, ids))
+    assert_same_knn(result.scores, result.ids, *brute_force_knn(bank.export(), queries, 20, ids))
 
 
 def test_knn_with_k_equal_to_all_other_rows(rng: np.random.Generator) -> None:
     bank = make_bank(50, 4)
     ids = np.arange(5)
-    result = bank.execute([Search(bank.rows_np[ids].copy(), 49, ids)])[0].knn
+    result = bank.execute([Search(bank.export()[ids].copy(), 49, ids)])[0].knn
     for i in range(5):
         assert sorted(result.ids[i]) == [j for j in range(50) if j != i]
 
 
 def test_momentum_update_matches_fgc_formula(rng: np.random.Generator) -> None:
     bank = make_bank(200, 16, init="uniform")
-    before = bank.rows_np.copy()
+    before = bank.export().copy()
     ids = rng.choice(200, 30, replace=False)
     values = rng.standard_normal((30, 16)).astype(np.float32) * 5
     bank.execute([Update(ids, values)])
     expected = momentum_oracle(before, ids, values, 0.5)
-    np.testing.assert_allclose(bank.rows_np, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bank.export(), expected, rtol=1e-5, atol=1e-6)
     untouched = np.setdiff1d(np.arange(200), ids)
-    assert np.array_equal(bank.rows_np[untouched], before[untouched])
+    assert np.array_equal(bank.export()[untouched], before[untouched])
 
 
 def test_momentum_update_function_on_torch_rows() -> None:
@@ -124,52 +124,52 @@ def test_momentum_update_keeps_a_row_whose_mix_is_zero(rng: np.random.Generator)
     """normalize(0) has no direction: a row whose mix is exactly zero keeps its old value; the
     other rows of the batch are updated as usual."""
     bank = make_bank(50, 8)
-    before = bank.rows_np.copy()
+    before = bank.export().copy()
     values = rng.standard_normal((3, 8)).astype(np.float32)
     values[0] = -before[4]  # 0.5 * row + 0.5 * -row == 0
     bank.execute([Update(np.array([4, 5, 6]), values)])
-    assert np.array_equal(bank.rows_np[4], before[4])
-    assert_unit_rows_of_the_formula(np.delete(bank.rows_np, 4, 0), np.delete(before, 4, 0), np.array([4, 5]),
+    assert np.array_equal(bank.export()[4], before[4])
+    assert_unit_rows_of_the_formula(np.delete(bank.export(), 4, 0), np.delete(before, 4, 0), np.array([4, 5]),
                                     values[1:], 0.5)
     zero_bank = make_bank(50, 8, momentum=0.0)
-    kept = zero_bank.rows_np[7].copy()
+    kept = zero_bank.export()[7].copy()
     zero_bank.execute([Update(np.array([7]), np.zeros((1, 8), np.float32))])
-    assert np.array_equal(zero_bank.rows_np[7], kept)
+    assert np.array_equal(zero_bank.export()[7], kept)
 
 
 def test_momentum_update_at_the_edges_through_the_bank(rng: np.random.Generator) -> None:
     bank = make_bank(100, 16, momentum=0.5)
     ids = rng.choice(100, 21, replace=False)
     values = edge_values(rng, 21, 16)
-    before = bank.rows_np.copy()
+    before = bank.export().copy()
     bank.execute([Update(ids, values)])
-    assert_unit_rows_of_the_formula(bank.rows_np, before, ids, values, 0.5)
+    assert_unit_rows_of_the_formula(bank.export(), before, ids, values, 0.5)
 
 
 def test_overwrite_writes_rows_verbatim(rng: np.random.Generator) -> None:
     bank = make_bank(100, 4)
     values = rng.standard_normal((3, 4)).astype(np.float32)
     bank.execute([Update(np.array([5, 0, 99]), values, "overwrite")])
-    assert np.array_equal(bank.rows_np[[5, 0, 99]], values)
+    assert np.array_equal(bank.export()[[5, 0, 99]], values)
 
 
 def test_knn_update_searches_before_updating(rng: np.random.Generator) -> None:
     bank = make_bank(300, 8)
-    before = bank.rows_np.copy()
+    before = bank.export().copy()
     ids = rng.choice(300, 16, replace=False)
     features = rng.standard_normal((16, 8)).astype(np.float32)
     result = bank.execute([SearchUpdate(ids, features, 10)])[0].knn
     assert_same_knn(result.scores, result.ids, *brute_force_knn(before, features, 10, ids))
-    np.testing.assert_allclose(bank.rows_np, momentum_oracle(before, ids, features, 0.5), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bank.export(), momentum_oracle(before, ids, features, 0.5), rtol=1e-5, atol=1e-6)
 
 
 def test_uniform_init_is_fgcs_range() -> None:
     bank = make_bank(2000, 12, init="uniform")
     bound = 1 / math.sqrt(12 / 3)
-    assert bank.rows_np.min() >= -bound and bank.rows_np.max() <= bound
-    assert bank.rows_np.max() > 0.95 * bound  # it fills the range, it is not all zeros
+    assert bank.export().min() >= -bound and bank.export().max() <= bound
+    assert bank.export().max() > 0.95 * bound  # it fills the range, it is not all zeros
     again = make_bank(2000, 12, init="uniform")
-    assert np.array_equal(bank.rows_np, again.rows_np)  # seeded
+    assert np.array_equal(bank.export(), again.export())  # seeded
 
 
 def random_ops(rng: np.random.Generator, rows: int, dim: int, count: int) -> list:
@@ -203,7 +203,7 @@ def test_coalesced_batch_equals_one_op_at_a_time(rows: int, rng: np.random.Gener
             assert got.knn is None
         else:
             assert_same_knn(got.knn.scores, got.knn.ids, want.knn.scores, want.knn.ids)
-    np.testing.assert_array_equal(batched.rows_np, serial.rows_np)
+    np.testing.assert_array_equal(batched.export(), serial.export())
     assert batched.counters["coalesced_calls"] == 1
 
 
@@ -233,11 +233,11 @@ def test_coalesced_batch_equals_one_op_at_a_time(rows: int, rng: np.random.Gener
 ])
 def test_bad_ops_are_refused_and_change_nothing(op, code: ErrorCode) -> None:
     bank = make_bank(100, 8)
-    before = bank.rows_np.copy()
+    before = bank.export().copy()
     with pytest.raises(BankError) as info:
         bank.validate(op())
     assert info.value.code is code
-    assert np.array_equal(bank.rows_np, before)
+    assert np.array_equal(bank.export(), before)
 
 
 def test_sample_is_seeded_distinct_and_gathers_the_rows() -> None:
@@ -245,8 +245,8 @@ def test_sample_is_seeded_distinct_and_gathers_the_rows() -> None:
     ids, rows = bank.sample(30, seed=3)
     again, _ = bank.sample(30, seed=3)
     assert np.array_equal(ids, again) and len(set(ids.tolist())) == 30
-    assert np.array_equal(rows, bank.rows_np[ids])
-    assert np.array_equal(bank.gather(ids[:5]), bank.rows_np[ids[:5]])
+    assert np.array_equal(rows, bank.export()[ids])
+    assert np.array_equal(bank.gather(ids[:5]), bank.export()[ids[:5]])
     with pytest.raises(BankError) as info:
         bank.sample(101, seed=0)
     assert info.value.code is ErrorCode.BAD_ARGUMENT
@@ -294,7 +294,7 @@ def test_k_above_max_k_is_refused(excluding: bool, rng: np.random.Generator) -> 
     with pytest.raises(BankError) as info:
         bank.validate(make(MAX_K + 1))
     assert info.value.code is ErrorCode.BAD_K and "2048" in str(info.value)
-    before = bank.rows_np.copy()
+    before = bank.export().copy()
     result = bank.execute([make(MAX_K)])[0].knn
     assert_same_knn(result.scores, result.ids, *brute_force_knn(before, queries, MAX_K, ids if excluding else None))
 
@@ -328,11 +328,11 @@ def test_coalesced_run_deeper_than_5962_rows_answers_exactly(rng: np.random.Gene
     assert batched._depth([ops[1]], 5000) > 5962
     got = batched.execute(ops)[1].knn
     serial.execute(ops[:1])
-    before = serial.rows_np.copy()
+    before = serial.export().copy()
     want = serial.execute(ops[1:])[0].knn
     assert_same_knn(got.scores, got.ids, want.scores, want.ids)
     assert_same_knn(got.scores, got.ids, *brute_force_knn(before, features, MAX_K, own))
-    np.testing.assert_array_equal(batched.rows_np, serial.rows_np)
+    np.testing.assert_array_equal(batched.export(), serial.export())
 
 
 def test_scores_that_could_overflow_are_refused_everywhere_rows_are_scored() -> None:
@@ -353,11 +353,11 @@ def test_scores_that_could_overflow_are_refused_everywhere_rows_are_scored() -> 
         assert info.value.code is ErrorCode.NOT_FINITE and "2^63" in info.value.message
     config = BankConfig("b", 100, 4)
     for bad in (1e30, 3e38, np.inf, np.nan):
-        rows = torch.from_numpy(bank.rows_np.copy())
+        rows = torch.from_numpy(bank.export().copy())
         rows[7, 2] = bad
         with pytest.raises(BankError) as info:
             MemoryBank(config, rows)
         assert info.value.code is ErrorCode.NOT_FINITE
-    rows = torch.from_numpy(bank.rows_np.copy())
+    rows = torch.from_numpy(bank.export().copy())
     rows[7] = torch.from_numpy(below[0])
-    assert MemoryBank(config, rows).rows_np[7, 0] == below[0, 0]
+    assert MemoryBank(config, rows).export()[7, 0] == below[0, 0]

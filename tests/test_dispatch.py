@@ -84,7 +84,7 @@ def test_clients_just_answered_are_waited_for_and_searched_together(
         dispatcher.stop()
     assert dispatcher.batches == searches + 1  # one search for the three
     assert sorted(recorder.runs[-1]) == [1, 2, 3]
-    rows = service.bank("b").rows_np
+    rows = service.bank("b").export()
     for reply, queries in zip(replies, q):
         assert reply.error is None
         expected_scores, expected_ids = brute_force_knn(rows, queries, 5)
@@ -161,4 +161,4 @@ def test_a_request_that_joins_no_search_is_not_held(service: BankService,
     finally:
         dispatcher.stop()
     assert reply.error is None
-    np.testing.assert_array_equal(reply.arrays["rows"], service.bank("b").rows_np[:3])
+    np.testing.assert_array_equal(reply.arrays["rows"], service.bank("b").export()[:3])

@@ -27,7 +27,7 @@ def test_bare_server_answers_the_exact_top_k(tmp_path: Path) -> None:
     deadline = time.monotonic() + 60
     while not (address.exists() and address.read_text()) and time.monotonic() < deadline:
         time.sleep(0.02)
-    rows = MemoryBank(workload.bank_config(0)).rows_np  # the rows the bare server builds from the seed
+    rows = MemoryBank(workload.bank_config(0)).export()  # the rows the bare server builds from the seed
     (queries,) = make_queries(rows.__getitem__, workload.rows, workload.batch, 1, 5)
     client = floor.BareClient(address.read_text(), "unused")
     scores, ids = client.knn(queries, workload.k)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from fgc_bank.stores.cpu import prefilter, search
 from fgc_bank.bank import BankConfig, MemoryBank, Search, SearchUpdate, Update
 from fgc_bank.errors import BankError, ErrorCode
+from fgc_bank.stores.cpu import prefilter, search
 from fgc_bank.stores.cpu.prefilter import SAFE_NORMS, Bf16Rows, Int8Rows, round_down_bf16
 from fgc_bank.stores.cpu.search import search_inner_product
 from tests.test_search import assert_exact, make_bank, make_queries
@@ -225,17 +225,17 @@ def test_bank_keeps_its_copy_in_step_with_updates(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(prefilter, "best_kind", lambda: kind)
     calls = spy_on_filtered_scans(monkeypatch)
     bank = MemoryBank(BankConfig("b", 20000, 64, init="unit", seed=4))
-    assert bank.low is not None and bank.low.kind == kind
+    assert bank.store.low is not None and bank.store.low.kind == kind
     rng = np.random.default_rng(5)
     ids = rng.choice(20000, 256, replace=False)
     strong = rng.standard_normal((256, 64), dtype=np.float32)  # far from the old rows
     strong /= np.linalg.norm(strong, axis=1, keepdims=True)
     bank.execute([Update(ids[:128], strong[:128], "overwrite"), Update(ids[128:], strong[128:])])
-    queries = bank.rows_np[ids[:64]] + 0.05 * rng.standard_normal((64, 64), dtype=np.float32)
+    queries = bank.export()[ids[:64]] + 0.05 * rng.standard_normal((64, 64), dtype=np.float32)
     results = bank.execute([Search(queries, 200), SearchUpdate(ids[:64], queries, 200), Search(queries, 200)])
-    assert copy_matches(bank.low, bank.rows_np)
+    assert copy_matches(bank.store.low, bank.export())
     assert calls
-    assert_exact(bank.rows_np, queries, 200, results[2].knn.scores, results[2].knn.ids)
+    assert_exact(bank.export(), queries, 200, results[2].knn.scores, results[2].knn.ids)
 
 
 @pytest.mark.parametrize("kind", [INT8])
@@ -316,7 +316,7 @@ def test_environment_picks_or_turns_off_the_prefilter(monkeypatch: pytest.Monkey
             prefilter.best_kind.cache_clear()
             assert prefilter.best_kind() == expected
             bank = MemoryBank(BankConfig("b", 100, 8))
-            assert (bank.low.kind if bank.low else None) == expected
+            assert (bank.store.low.kind if bank.store.low else None) == expected
     finally:
         monkeypatch.delenv(prefilter.ENV)
         prefilter.best_kind.cache_clear()
@@ -495,7 +495,7 @@ def test_bank_is_exact_at_the_edges_of_float32(monkeypatch: pytest.MonkeyPatch, 
     written.execute([Update(ids[i:i + 2500], rows[i:i + 2500], "overwrite") for i in range(0, 10000, 2500)])
     own = np.random.default_rng(2).choice(10000, 64, replace=False)
     for bank in (restored, written):
-        assert np.array_equal(bank.rows_np, rows)
+        assert np.array_equal(bank.export(), rows)
         found = bank.execute([Search(queries, 100), SearchUpdate(own, queries, 100)])
         assert_exact_at_any_magnitude(rows, queries, 100, found[0].knn.scores, found[0].knn.ids)
         mine = found[1].knn

@@ -48,7 +48,7 @@ def test_write_then_read_gives_back_every_row_config_counter_and_request_id(tmp_
     for bank in loaded:
         original = banks[bank.config.name]
         assert bank.config == original.config and bank.counters == original.counters
-        assert np.array_equal(bank.rows_np, original.rows_np)
+        assert np.array_equal(bank.export(), original.export())
     assert manifest["applied_requests"] == {"17": [1, 2, 3]}
     assert not list(tmp_path.glob(".tmp-*"))
 
@@ -56,7 +56,7 @@ def test_write_then_read_gives_back_every_row_config_counter_and_request_id(tmp_
 def test_corrupt_or_partial_snapshots_stop_the_scan_or_are_skipped_when_told(tmp_path: Path, caplog) -> None:
     banks = banks_with_updates()
     good = snapshots.write(tmp_path, snapshots.capture(banks, {}))
-    expected = banks["feat/7"].rows_np.copy()
+    expected = banks["feat/7"].export().copy()
     banks["feat/7"].execute([Update(np.array([5]), np.full((1, 8), 3.0, np.float32))])
     flipped = snapshots.write(tmp_path, snapshots.capture(banks, {}))
     truncated = snapshots.write(tmp_path, snapshots.capture(banks, {}))
@@ -70,7 +70,7 @@ def test_corrupt_or_partial_snapshots_stop_the_scan_or_are_skipped_when_told(tmp
     skipped = snapshots.load_latest(tmp_path, keep_going=True)
     assert [d.summary.name for d in skipped.loaded] == [good.name]
     assert list(skipped.failed) == [truncated.name, flipped.name]
-    assert np.array_equal({b.config.name: b for b in skipped.loaded[0].banks}["feat/7"].rows_np, expected)
+    assert np.array_equal({b.config.name: b for b in skipped.loaded[0].banks}["feat/7"].export(), expected)
     assert "checksum" in caplog.text and "manifest fails its sha256" in caplog.text
     assert not (tmp_path / ".tmp-snapshot-00000099-1").exists()
 
@@ -163,7 +163,7 @@ def test_kill_9_then_restart_loses_nothing_acknowledged_before_the_last_snapshot
         assert stats["restored_from"] == "snapshot-00000002"
         assert bank.reconnects >= 1 and bank.resends >= 1
         banks, _ = snapshots.read(snap_dir / "snapshot-00000002")  # checksums verify
-        assert np.array_equal(banks[0].rows_np, snapshot_rows)
+        assert np.array_equal(banks[0].export(), snapshot_rows)
     finally:
         bank.close()
         stop_server(proc)
@@ -217,7 +217,7 @@ def test_trainer_checkpoint_pairs_with_a_bank_snapshot_and_resume_restores_it(tm
         assert result.exit_code == 0, result.output
         saved = load_checkpoint(out / "checkpoint.pt")
         assert saved.bank_snapshot is not None and saved.feature_banks is None  # paired, not copied
-        paired_rows = {b.config.name: b.rows_np for b in snapshots.read(snap_dir / saved.bank_snapshot)[0]}
+        paired_rows = {b.config.name: b.export() for b in snapshots.read(snap_dir / saved.bank_snapshot)[0]}
         assert snapshots.load(snap_dir / saved.bank_snapshot).summary.prefix == "feat/"  # its own banks only
         with connect(address) as bank:  # the banks move on after the checkpoint (a later epoch, a crash)
             bank.update("feat/7", np.arange(64), np.ones((64, 64), np.float32), mode="overwrite")

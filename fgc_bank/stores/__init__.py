@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from dataclasses import dataclass
 
 import torch
 
@@ -63,8 +64,24 @@ def store_class(engine: str = "auto", device: str | torch.device = "cpu") -> typ
     return getattr(importlib.import_module(module), name)
 
 
-def make_store(rows: torch.Tensor, engine: str = "auto", device: str | torch.device = "cpu") -> RowStore:
-    """A store holding ``rows`` (N, D) float32 (copied or moved to ``device``)."""
-    resolved = resolve_device(device)
-    cls = store_class(engine, resolved)
-    return cls(rows) if resolved.type == "cpu" and cls.__name__ == "CpuStore" else cls(rows, resolved)
+@dataclass(frozen=True)
+class Placement:
+    """Where a server's (or an in-process service's) banks live and what searches them, resolved
+    once (``auto`` made concrete, a missing GPU refused) when it is made."""
+
+    engine: str = "auto"
+    device: str = "cpu"
+
+    @classmethod
+    def resolve(cls, engine: str = "auto", device: str | torch.device = "cpu") -> Placement:
+        """A placement with ``auto`` resolved; BankError(BAD_ARGUMENT) for one that cannot be."""
+        resolved = resolve_device(device)
+        return cls(resolve_engine(engine, resolved), str(resolved))
+
+    @property
+    def store(self) -> type[RowStore]:
+        return store_class(self.engine, self.device)
+
+    def make(self, rows: torch.Tensor) -> RowStore:
+        """A store holding ``rows`` (N, D) float32, copied or moved to the device."""
+        return self.store(rows, torch.device(self.device))

@@ -63,3 +63,8 @@ class RowStore(abc.ABC):
     def nbytes(cls, rows: int, dim: int) -> int:
         """Memory a store of ``rows`` x ``dim`` takes, side copies included, checked against the
         server's limits before anything is allocated."""
+
+    @classmethod
+    def layout(cls) -> str:
+        """What :meth:`nbytes` counts, in words, for a limit's error message."""
+        return "float32"

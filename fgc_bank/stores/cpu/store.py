@@ -23,7 +23,9 @@ class CpuStore(RowStore):
     device = torch.device("cpu")
     engine = "faiss"
 
-    def __init__(self, rows: torch.Tensor, kind: str | None = None) -> None:
+    def __init__(self, rows: torch.Tensor, device: torch.device | str = "cpu", kind: str | None = None) -> None:
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"the CPU store holds rows in host memory, not on {device}")
         self.rows = rows.detach().to("cpu", torch.float32).contiguous()
         self.rows_np = self.rows.numpy()  # shares memory: the search reads the live rows
         self.low = prefilter.make(self.rows_np, prefilter.best_kind() if kind is None else kind)
@@ -54,3 +56,8 @@ class CpuStore(RowStore):
     @classmethod
     def nbytes(cls, rows: int, dim: int) -> int:
         return rows * dim * 4 + prefilter.copy_bytes(rows, dim, prefilter.best_kind())
+
+    @classmethod
+    def layout(cls) -> str:
+        kind = prefilter.best_kind()
+        return f"float32 and its {kind} copy" if kind else "float32"
