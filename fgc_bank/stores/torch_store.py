@@ -383,7 +383,7 @@ class TorchStore(RowStore):
         low = queries.to(torch.bfloat16)  # (b, D)
         q = _norms(queries)  # (b,) float64
         q_low = _norms(low)
-        q_error = _norms((queries.double() - low.double()))  # the difference is exact in float64
+        q_error = _norms(queries.double() - low.double())  # the difference is exact in float64
         acc = ACCUMULATION * d * U_FP32
         rounding = q_error * row_norm + q_low * row_error
         sums = acc * (q_low * (row_norm + row_error) + q * row_norm)
