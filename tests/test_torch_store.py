@@ -287,6 +287,20 @@ def test_the_check_passes_only_exact_answers(extra: int, rng: np.random.Generato
     assert store.last_fallbacks == (~passed).sum()
 
 
+@pytest.mark.parametrize("output_rounding", [torch_store.OUTPUT_ROUNDING, 0.0])
+def test_the_check_threshold(output_rounding: float, rng: np.random.Generator) -> None:
+    """k-th score >= cut + the output's rounding + margin, rounded up; no cut: always."""
+    store = TorchStore(torch.from_numpy(unit(rng, 10, 4)), "cpu")
+    store._output_rounding = output_rounding
+    cut = torch.tensor([1.0, 1.0, -2.0, -2.0, -math.inf, 1.0], dtype=torch.float64)
+    margin = torch.full((6,), 0.01, dtype=torch.float64)
+    slack = np.array([1.0, 1.0, 2.0, 2.0, 0.0, 1.0]) * output_rounding + 0.01
+    threshold = cut.numpy() + slack
+    kth = torch.tensor(threshold + np.array([1e-6, -1e-6, 1e-6, -1e-6, 0.0, np.nan]), dtype=torch.float32)
+    kth[4] = -1e30
+    assert store._proven(kth, cut, margin).tolist() == [True, False, True, False, True, False]
+
+
 def rounded_down_by_bf16(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
     """Positive values just under a bfloat16 midpoint near 1/8: each loses almost half a step,
     every pair is nearly parallel, and the bfloat16 scores are low by almost the whole bound."""
