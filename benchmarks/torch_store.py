@@ -40,13 +40,14 @@ def _seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> St
 
 
 def benchmark(device: str | torch.device = "cpu", n: int = 50_000, d: int = 64, b: int = 256, k: int = 200,
-              repeats: int = 5, seed: int = 0) -> dict[str, Any]:
+              repeats: int = 5, seed: int = 0, gemm_output: torch.dtype | None = None) -> dict[str, Any]:
     """Queries per second of the torch store and of float32 ``torch.mm`` + ``topk`` (TF32 off),
-    and how many of the store's queries fell back to its float32 search."""
+    and how many of the store's queries fell back to its float32 search. ``gemm_output``: the
+    store's (None: its default)."""
     device = torch.device(device)
     generator = torch.Generator(device=device).manual_seed(seed)
     rows, queries = _unit(n, d, generator, device), _unit(b, d, generator, device)  # (n, d), (b, d)
-    store = TorchStore(rows, device)
+    store = TorchStore(rows, device, gemm_output=gemm_output)
     del rows  # the store holds its own copy
 
     def paper() -> object:
@@ -77,8 +78,11 @@ def main() -> None:
     parser.add_argument("--b", type=int, default=256)
     parser.add_argument("--k", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--gemm-output", choices=["float32", "bfloat16"], default=None)
     args = parser.parse_args()
-    print(json.dumps(benchmark(args.device, args.n, args.d, args.b, args.k, args.repeats), indent=2))
+    output = None if args.gemm_output is None else getattr(torch, args.gemm_output)
+    print(json.dumps(benchmark(args.device, args.n, args.d, args.b, args.k, args.repeats, gemm_output=output),
+                     indent=2))
 
 
 if __name__ == "__main__":

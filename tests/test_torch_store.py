@@ -66,7 +66,7 @@ def float_output(monkeypatch: pytest.MonkeyPatch) -> None:
     def emulated(queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return torch.mm(queries.float(), rows.float().T)
 
-    monkeypatch.setattr(torch_store, "_choose_kernel", lambda device: (emulated, 0.0))
+    monkeypatch.setattr(torch_store, "_choose_kernel", lambda device, output: (emulated, 0.0))
 
 
 # --- exactness ---------------------------------------------------------------------------------
@@ -316,7 +316,7 @@ def test_the_margin_bounds_every_row(data: str, kernel: str, rng: np.random.Gene
     output is no further below; the margin stays small beside unit scores."""
     if kernel == "float output":
         monkeypatch.setattr(torch_store, "_choose_kernel",
-                            lambda device: (lambda q, r: torch.mm(q.float(), r.float().T), 0.0))
+                            lambda device, output: (lambda q, r: torch.mm(q.float(), r.float().T), 0.0))
     d = 64
     if data == "unit":
         rows, queries = unit(rng, 4000, d), unit(rng, 32, d)
@@ -361,7 +361,7 @@ def test_the_probe_refuses_a_bfloat16_accumulator(monkeypatch: pytest.MonkeyPatc
     cpu = torch.device("cpu")
     assert torch_store._kernel_is_sound(torch_store._mm_bf16_out, torch_store.OUTPUT_ROUNDING, cpu, 64)
     assert not torch_store._kernel_is_sound(bf16_accumulating, torch_store.OUTPUT_ROUNDING, cpu, 64)
-    monkeypatch.setattr(torch_store, "_choose_kernel", lambda device: (bf16_accumulating, torch_store.OUTPUT_ROUNDING))
+    monkeypatch.setattr(torch_store, "_choose_kernel", lambda device, output: (bf16_accumulating, torch_store.OUTPUT_ROUNDING))
     rows, queries = unit(rng, 2000, 64), unit(rng, 8, 64)
     store = TorchStore(torch.from_numpy(rows), "cpu")
     assert not store._kernel_ok and not store._filter_pays(store.candidate_count(10))
@@ -431,6 +431,24 @@ def test_score_read_write_export(rng: np.random.Generator) -> None:
     assert np.array_equal(exported, rows)
     exported[:] = 0
     assert np.array_equal(store.export(), rows)
+
+
+def test_no_autograd_graph_through_the_store(rng: np.random.Generator) -> None:
+    """Features that require grad (a trainer's) leave no graph in the rows or the results."""
+    rows = torch.from_numpy(unit(rng, 500, 8)).requires_grad_()
+    store = TorchStore(rows, "cpu")
+    queries = torch.from_numpy(unit(rng, 4, 8)).requires_grad_()
+    store.write(torch.arange(4), queries * 2)
+    scores, _ = store.search(queries, 10)
+    assert not (store.rows.requires_grad or store.low.requires_grad or scores.requires_grad)
+    assert not store.score(queries, torch.arange(3)).requires_grad
+
+
+def test_gemm_output_choice(rng: np.random.Generator) -> None:
+    rows = torch.from_numpy(unit(rng, 100, 8))
+    assert TorchStore(rows, "cpu", gemm_output=torch.bfloat16)._output_rounding == torch_store.OUTPUT_ROUNDING
+    with pytest.raises(ValueError, match="float32 output"):
+        TorchStore(rows, "cpu", gemm_output=torch.float32)
 
 
 def test_bad_arguments(rng: np.random.Generator) -> None:

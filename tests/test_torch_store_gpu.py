@@ -28,12 +28,13 @@ def knn(store: TorchStore, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.
     return scores.cpu().numpy(), ids.cpu().numpy()
 
 
-@pytest.mark.parametrize("budget", [torch_store.SCORE_BUDGET, 16 << 20])  # one chunk; seven
-def test_cuda_exact_at_imagenet_width(budget: int) -> None:
+@pytest.mark.parametrize("budget,output", [(torch_store.SCORE_BUDGET, None), (16 << 20, None),  # one chunk; seven
+                                           (16 << 20, torch.bfloat16)])
+def test_cuda_exact_at_imagenet_width(budget: int, output: torch.dtype | None) -> None:
     """N 100k, D 512, k 200, B 256."""
     rng = np.random.default_rng(7)
     rows, queries = unit(rng, 100_000, 512), unit(rng, 256, 512)
-    store = TorchStore(torch.from_numpy(rows), "cuda", budget=budget)
+    store = TorchStore(torch.from_numpy(rows), "cuda", budget=budget, gemm_output=output)
     assert store.device.index == torch.cuda.current_device()
     assert store._kernel_ok and store._filter_pays(store.candidate_count(200))
     assert_same_knn(*knn(store, queries, 200), *brute_force_knn(rows, queries, 200))
@@ -47,8 +48,9 @@ def rounded_down_by_bf16(rng: np.random.Generator, n: int, d: int) -> np.ndarray
     return ((1.0 + below_midpoint / 128.0) / 8.0).astype(np.float32)
 
 
+@pytest.mark.parametrize("output", [None, torch.bfloat16])
 @pytest.mark.parametrize("data", ["unit", "worst-case rounding", "subnormal rows"])
-def test_cuda_margin_bounds_every_row(data: str) -> None:
+def test_cuda_margin_bounds_every_row(data: str, output: torch.dtype | None) -> None:
     """The tensor cores' bfloat16 GEMM stays within the bound for every pair."""
     rng = np.random.default_rng(8)
     d = 512
@@ -58,7 +60,7 @@ def test_cuda_margin_bounds_every_row(data: str) -> None:
         rows, queries = unit(rng, 50_000, d), unit(rng, 64, d)
         if data == "subnormal rows":
             rows[::2] *= np.float32(1e-40)
-    store = TorchStore(torch.from_numpy(rows), "cuda")
+    store = TorchStore(torch.from_numpy(rows), "cuda", gemm_output=output)
     q = torch.from_numpy(queries).cuda()
     with ieee_float32():
         filt = store._filter(q, *store._bank_bounds())

@@ -82,7 +82,7 @@ SCORE_BUDGET = 256 << 20  # bytes of (B, chunk) scores alive at once (the constr
 MIN_EXTRA = 32  # candidates beyond k, at least (the default extra is max(k, MIN_EXTRA))
 MIN_CHUNK_ROWS = 1024  # bank rows a chunk should have before the queries are split instead
 MAX_DIM = 1 << 16  # beyond, ACCUMULATION * D * U_FP32 is no longer small: float32 only
-NORM_SLACK = 2.0**-52  # per term: float64 norms of float32 values are within (D + 4) of this
+NORM_SLACK = 2.0**-52  # float64 norms of D float32 values: within a factor 1 + (D + 4) NORM_SLACK
 
 ScoreKernel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (B, D), (m, D) bf16 -> (B, m)
 
@@ -99,10 +99,9 @@ def _read_precision() -> dict[str, Any]:
     cuda = torch.backends.cuda.matmul
     state: dict[str, Any] = {}
     try:  # torch >= 2.9: per-backend settings; reading the legacy ones may raise once they are used
-        state["cuda"] = cuda.fp32_precision
-        state["mkldnn"] = torch.backends.mkldnn.matmul.fp32_precision
+        state["cuda"], state["mkldnn"] = cuda.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision
     except (AttributeError, RuntimeError):
-        state["legacy"] = torch.get_float32_matmul_precision()
+        state = {"legacy": torch.get_float32_matmul_precision()}
     state["bf16"] = cuda.allow_bf16_reduced_precision_reduction
     with contextlib.suppress(AttributeError):
         state["bf16_split_k"] = cuda.allow_bf16_reduced_precision_reduction_split_k
@@ -165,16 +164,26 @@ def _mm_float_out(queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.mm(queries, rows.T, out_dtype=torch.float32)  # (B, m) float32: the sums themselves
 
 
-def _choose_kernel(device: torch.device) -> tuple[ScoreKernel, float]:
-    """The bfloat16 GEMM for ``device`` and its output's relative rounding: float32 output where
-    torch has it (``torch.mm(..., out_dtype=float32)``, CUDA), else bfloat16 output."""
-    if device.type == "cuda":
-        probe = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
-        try:
-            _mm_float_out(probe, probe)
-            return _mm_float_out, 0.0
-        except (TypeError, RuntimeError, NotImplementedError):  # an older torch: bfloat16 output
-            pass
+def _has_float_output(device: torch.device) -> bool:
+    """Whether torch writes a bfloat16 GEMM's float32 sums on ``device`` (CUDA, torch >= 2.8)."""
+    if device.type != "cuda":
+        return False
+    probe = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+    try:
+        _mm_float_out(probe, probe)
+        return True
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def _choose_kernel(device: torch.device, output: torch.dtype | None) -> tuple[ScoreKernel, float]:
+    """The bfloat16 GEMM for ``device`` and its output's relative rounding. ``output`` None:
+    float32 where the device has it, else bfloat16. A float32 output needs no rounding term; a
+    bfloat16 one halves the bytes every top-k reads (which of the two is faster is measured)."""
+    if output != torch.bfloat16 and _has_float_output(device):
+        return _mm_float_out, 0.0
+    if output == torch.float32:
+        raise ValueError(f"torch has no bfloat16 GEMM with float32 output on {device}")
     return _mm_bf16_out, OUTPUT_ROUNDING
 
 
@@ -252,9 +261,10 @@ class TorchStore(RowStore):
     exact = True
 
     def __init__(self, rows: torch.Tensor, device: torch.device | str, *, budget: int = SCORE_BUDGET,
-                 extra: int | None = None) -> None:
+                 extra: int | None = None, gemm_output: torch.dtype | None = None) -> None:
         """``rows`` (N, D) float32 anywhere, copied onto ``device``. ``budget``: bytes of scores
-        alive at once; ``extra``: candidates beyond k (None: ``max(k, MIN_EXTRA)``)."""
+        alive at once; ``extra``: candidates beyond k (None: ``max(k, MIN_EXTRA)``);
+        ``gemm_output``: the bfloat16 GEMM's output dtype (None: float32 where torch has it)."""
         if rows.dtype != torch.float32 or rows.ndim != 2:
             raise ValueError(f"rows must be (N, D) float32, got {rows.dtype} {tuple(rows.shape)}")
         if budget < 64 or (extra is not None and extra < 0):
@@ -264,16 +274,19 @@ class TorchStore(RowStore):
         self.extra = extra
         n, d = rows.shape
         self.rows = torch.empty(n, d, dtype=torch.float32, device=self.device)  # (N, D)
-        self.rows.copy_(rows)
+        with torch.no_grad():
+            self.rows.copy_(rows)
         self.low = torch.empty(n, d, dtype=torch.bfloat16, device=self.device)  # (N, D) bf16(rows)
         self.norms = torch.empty(n, dtype=torch.float64, device=self.device)  # (N,) >= |r|
         self.errors = torch.empty(n, dtype=torch.float64, device=self.device)  # (N,) >= |r - bf16(r)|
         step = max(1, (64 << 20) // (16 * max(d, 1)))  # bounded float64 temporaries
         for lo, hi in _blocks(n, step):
             self._refresh(slice(lo, hi), self.rows[lo:hi])
-        self._kernel, self._output_rounding = _choose_kernel(self.device)
+        self._kernel, self._output_rounding = _choose_kernel(self.device, gemm_output)
         self._kernel_ok = d == 0 or _kernel_is_sound(self._kernel, self._output_rounding, self.device, d)
-        self.last_fallbacks = 0  # queries of the last search answered by the float32 search
+        # Queries of the last search that the bfloat16 pass left to the float32 search (outside
+        # SAFE_RANGE or a failed check); 0 when the whole search was float32 from the start.
+        self.last_fallbacks = 0
 
     # --- the interface ---
 
@@ -282,6 +295,7 @@ class TorchStore(RowStore):
         """float32 rows, their bfloat16 copy, and each row's two float64 norms."""
         return rows * dim * (4 + 2) + rows * 2 * 8
 
+    @torch.no_grad()
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         queries = self._queries(queries)
         n = self.rows.shape[0]
@@ -302,6 +316,7 @@ class TorchStore(RowStore):
         self.last_fallbacks = int(failed.numel())
         return scores, ids
 
+    @torch.no_grad()
     def score(self, queries: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         queries = self._queries(queries)
         ids = ids.to(self.device, torch.long)
@@ -312,9 +327,11 @@ class TorchStore(RowStore):
                 out[:, lo:hi] = torch.mm(queries, self.rows.index_select(0, ids[lo:hi]).T)  # (B, s)
         return out
 
+    @torch.no_grad()
     def read(self, ids: torch.Tensor) -> torch.Tensor:
         return self.rows.index_select(0, ids.to(self.device, torch.long))  # (S, D) copy
 
+    @torch.no_grad()
     def write(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
         ids = ids.to(self.device, torch.long)
         rows = rows.to(self.device, torch.float32)
@@ -322,7 +339,7 @@ class TorchStore(RowStore):
         self._refresh(ids, rows)
 
     def export(self) -> np.ndarray:
-        return self.rows.to("cpu", copy=True).numpy()
+        return self.rows.to("cpu", copy=True).numpy()  # SYNC on a GPU: the copy is the point
 
     # --- sizes ---
 
