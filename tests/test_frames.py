@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import numpy as np
 import pytest
 import zmq
@@ -13,8 +15,9 @@ from fgc_bank.frames import NOBLOCK, readable, recv_frames, send_frames
 def pair():
     ctx = zmq.Context.instance()
     a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
-    a.bind("inproc://test-frames")
-    b.connect("inproc://test-frames")
+    address = f"inproc://test-frames-{uuid.uuid4().hex}"  # a closed socket unbinds later, not at once
+    a.bind(address)
+    b.connect(address)
     yield a, b
     a.close(linger=0)
     b.close(linger=0)
