@@ -3,10 +3,11 @@
 ZeroMQ keeps a reply in the peer's pipe until the peer reads it, so a client that stops reading
 (a bug, a SIGSTOP, an attacker) makes the server hold every reply sent to it. The socket loop
 never waits on such a peer (sends are non-blocking: a full pipe drops the reply, counted); this
-ledger bounds the bytes it may pile up before that. Each array buffer of 64 KB or more leaves
-zero-copy, wrapped in a view whose release ZeroMQ reports (pyzmq drops its reference once the
-message is freed, which runs a ``weakref.finalize``), so the ledger knows what is still held.
-Smaller frames are copied by pyzmq and bounded by the socket's SNDHWM (messages per peer).
+ledger bounds the bytes it may pile up before that. Each buffer of ``ZERO_COPY_BYTES`` or more
+leaves zero-copy (the server sets the ROUTER's ``copy_threshold`` to it), wrapped in a view whose
+release ZeroMQ reports (pyzmq drops its reference once the message is freed, which runs a
+``weakref.finalize``), so the ledger knows what is still held. Smaller frames are copied by pyzmq:
+per connection they are bounded by the socket's SNDHWM, in messages.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-ZERO_COPY_BYTES = 65536  # pyzmq's copy_threshold: smaller buffers are copied at send
+ZERO_COPY_BYTES = 4096  # the ROUTER's copy_threshold: smaller buffers are copied at send, untracked
 
 
 class Delivery:

@@ -30,7 +30,7 @@ import zmq
 
 from bank_server import snapshot as snapshots
 from bank_server.dedup import MUTATING_OPS, RecentRequests, Seen, digest
-from bank_server.delivery import Delivery
+from bank_server.delivery import ZERO_COPY_BYTES, Delivery
 from bank_server.dispatch import Dispatcher, Job
 from bank_server.metrics import ServerMetrics
 from fgc_bank.bank import MemoryBank
@@ -145,7 +145,11 @@ class BankServer:
         # outright (it drops the connection) so they never reach memory.
         router.setsockopt(zmq.MAXMSGSIZE, 2 * config.max_frame_bytes + MAX_HEADER_BYTES)
         router.setsockopt(zmq.RCVHWM, 4 * config.max_queue)  # past this, TCP pushes back on senders
-        router.setsockopt(zmq.SNDHWM, 256)  # unread replies per peer; past this they are dropped
+        # Replies waiting per peer, in messages: above the largest burst a worker sends one peer
+        # (a run of its queued requests), so only a peer that stops reading reaches it; then
+        # replies are dropped. Its small frames are bounded by this, the rest in bytes (Delivery).
+        router.setsockopt(zmq.SNDHWM, 4 * config.max_queue)
+        router.copy_threshold = ZERO_COPY_BYTES
         if config.curve_secret is not None:
             from bank_server.auth import start_curve
 

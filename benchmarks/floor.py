@@ -32,8 +32,8 @@ from benchmarks.workloads import WORKLOADS, Workload, make_queries
 from fgc_bank.api import connect
 from fgc_bank.bank import MemoryBank
 from fgc_bank.protocol import Reply, Request, encode_reply, encode_request
-from fgc_bank.stores.cpu import CpuStore
 from fgc_bank.stores.cpu.search import search_inner_product, set_threads
+from fgc_bank.stores.cpu.store import CpuStore
 
 QUERY_BATCHES = 4
 STOP = b"stop"

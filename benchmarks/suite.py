@@ -15,8 +15,9 @@ from benchmarks.timing import Latency, Peak, Stats, reps_for
 from benchmarks.workloads import Workload, make_queries, make_update_ids
 from fgc_bank.api import connect
 from fgc_bank.local import LocalBank
-from fgc_bank.stores.cpu import CpuStore, prefilter
+from fgc_bank.stores.cpu import prefilter
 from fgc_bank.stores.cpu.search import search_inner_product, set_threads
+from fgc_bank.stores.cpu.store import CpuStore
 
 QUERY_BATCHES = 4
 SERVER_REPS = 3  # repetitions of each aggregate server measurement

@@ -14,9 +14,9 @@ from typing import Any, Self, TypeVar
 
 import numpy as np
 
-from fgc_bank.bank import KnnResult
 from fgc_bank.errors import BankError, ErrorCode
 from fgc_bank.protocol import Reply, Request
+from fgc_bank.results import KnnResult
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 30.0

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from fgc_bank.errors import BankError, ErrorCode, quote
+from fgc_bank.results import KnnResult
 from fgc_bank.stores import Placement, RowStore
 from fgc_bank.stores.cpu.prefilter import norm_bounds
 
@@ -172,20 +173,6 @@ class SearchUpdate:
 
 
 Op = Search | Update | SearchUpdate
-
-
-@dataclass(frozen=True)
-class KnnResult:
-    """Top-k answers: ``scores`` (B, k) float32, descending; ``ids`` (B, k) int64.
-
-    ``version`` is the bank's update count after the op: for ``knn`` the updates its search saw,
-    for ``knn_update`` including its own. Replaying acknowledged updates in version order
-    reproduces the bank exactly.
-    """
-
-    scores: np.ndarray
-    ids: np.ndarray
-    version: int = 0
 
 
 @dataclass(frozen=True)

@@ -147,3 +147,24 @@ def test_a_restore_of_a_name_the_os_refuses_is_a_bad_argument(tmp_path) -> None:
     finally:
         server.stop()
         server._shutdown()
+
+
+def test_a_client_that_pipelines_many_requests_gets_every_reply(in_process_server: BankServer) -> None:
+    """A worker answers a run of queued requests in one burst: a peer that reads must get all of
+    it (only a peer that stops reading reaches the per-peer limit)."""
+    with connect(in_process_server.address, timeout=30 * TIME_FACTOR) as bank:
+        bank.create("b", 1000, 16)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(in_process_server.address)
+    try:
+        rows = np.ones((1, 16), np.float32)
+        for rid in range(1, 1001):
+            sock.send_multipart(encode_request(Request("update", "b", {}, {"ids": np.array([rid - 1]), "rows": rows}, rid)))
+        got = set()
+        while len(got) < 1000 and sock.poll(10_000 * TIME_FACTOR):
+            got.add(decode_reply(sock.recv_multipart()).unwrap().id)
+        assert got == set(range(1, 1001))
+    finally:
+        sock.close()
+    assert in_process_server.metrics.dropped_replies == 0

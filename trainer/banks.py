@@ -25,8 +25,9 @@ from torch import Tensor
 
 from fgc_bank import connect
 from fgc_bank.api import BankHandle
-from fgc_bank.bank import KnnResult, momentum_update_
+from fgc_bank.bank import momentum_update_
 from fgc_bank.errors import BankError, BankTimeout, BankUnavailable, ErrorCode
+from fgc_bank.results import KnnResult
 from trainer.distributed import DistContext, all_gather_rows
 from trainer.errors import TrainerError
 

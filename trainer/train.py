@@ -32,7 +32,6 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from fgc_bank.bank import KnnResult
 from fgc_bank.losses import (
     batch_shaping_loss,
     batch_shaping_weight,
@@ -41,6 +40,7 @@ from fgc_bank.losses import (
     l0_weight,
     sampled_gate_contrastive_loss,
 )
+from fgc_bank.results import KnnResult
 from trainer.banks import FeatureBanks, GateBank, positives
 from trainer.checkpoint import Checkpoint, save_checkpoint
 from trainer.config import TrainConfig, lr_at

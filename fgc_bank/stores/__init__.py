@@ -3,7 +3,9 @@
 Engines: ``faiss``, the CPU store (:mod:`fgc_bank.stores.cpu`: torch.mm, FAISS heaps and the
 int8/bf16 prefilter; host memory only), and ``torch``, the torch store
 (:mod:`fgc_bank.stores.torch_store`: a tensor on any device, low-precision scoring checked by a
-proven bound). ``auto`` picks the CPU store on a CPU when FAISS is installed, else the torch store.
+proven bound). ``auto`` picks the CPU store on a CPU when FAISS is installed, else the torch store;
+the environment variable ``FGC_BANK_ENGINE`` (``faiss`` or ``torch``) changes what ``auto`` picks
+(the test suite runs the bank's tests once per engine this way).
 Devices: ``cpu``, ``cuda``, ``cuda:N``; ``auto`` is the first GPU torch sees, else the CPU.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +21,8 @@ import torch
 from fgc_bank.errors import BankError, ErrorCode
 from fgc_bank.stores.base import RowStore
 
-ENGINES = {"faiss": "fgc_bank.stores.cpu:CpuStore", "torch": "fgc_bank.stores.torch_store:TorchStore"}
+ENGINE_ENV = "FGC_BANK_ENGINE"
+ENGINES = {"faiss": "fgc_bank.stores.cpu.store:CpuStore", "torch": "fgc_bank.stores.torch_store:TorchStore"}
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -46,6 +50,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def resolve_engine(engine: str, device: torch.device) -> str:
     """``engine`` for ``device``; ``auto``: the CPU store on a CPU with FAISS, else torch."""
+    if engine == "auto" and os.environ.get(ENGINE_ENV) in ENGINES:
+        engine = os.environ[ENGINE_ENV]
     if engine == "auto":
         return "faiss" if device.type == "cpu" and importlib.util.find_spec("faiss") else "torch"
     if engine not in ENGINES:

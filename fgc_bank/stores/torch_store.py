@@ -259,6 +259,7 @@ class TorchStore(RowStore):
     checked bfloat16 pass and float32 rescoring (see the module's docstring)."""
 
     exact = True
+    engine = "torch"
 
     def __init__(self, rows: torch.Tensor, device: torch.device | str, *, budget: int = SCORE_BUDGET,
                  extra: int | None = None, gemm_output: torch.dtype | None = None) -> None:
@@ -294,6 +295,10 @@ class TorchStore(RowStore):
     def nbytes(cls, rows: int, dim: int) -> int:
         """float32 rows, their bfloat16 copy, and each row's two float64 norms."""
         return rows * dim * (4 + 2) + rows * 2 * 8
+
+    @classmethod
+    def layout(cls) -> str:
+        return "float32, its bfloat16 copy and two float64 norms a row"
 
     @torch.no_grad()
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

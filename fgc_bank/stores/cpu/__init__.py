@@ -1,5 +1,5 @@
-"""The CPU store (:class:`CpuStore`): exact search on host memory at close to the GEMM rate."""
+"""The CPU store (``store.CpuStore``): exact search on host memory at close to the GEMM rate.
 
-from fgc_bank.stores.cpu.store import CpuStore
-
-__all__ = ["CpuStore"]
+Nothing is imported here, so that ``prefilter`` (numpy and torch only) loads on machines without
+FAISS; ``store`` and ``search`` need FAISS.
+"""
