@@ -1,0 +1,55 @@
+"""The bank on a GPU (skipped without CUDA; ``make gpu-check`` runs it): oracle kNN, coalesced
+execution with its replay, the update rule, snapshots out and back, and a real server with
+``--device cuda``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_same_knn, brute_force_knn, momentum_oracle, start_server, stop_server
+
+from fgc_bank import connect
+from fgc_bank.bank import BankConfig, MemoryBank, Search, SearchUpdate, Update
+from fgc_bank.stores import Placement
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make gpu-check)")
+
+
+@pytest.fixture
+def bank() -> MemoryBank:
+    return MemoryBank(BankConfig("feat/7", 20_000, 128, seed=3), placement=Placement.resolve("auto", "cuda"))
+
+
+def test_a_gpu_bank_is_exact_through_coalesced_runs(bank: MemoryBank, rng: np.random.Generator) -> None:
+    assert bank.info()["engine"] == "torch" and bank.info()["device"].startswith("cuda")
+    rows = bank.export()
+    queries = rng.standard_normal((256, 128)).astype(np.float32)
+    ids = rng.choice(20_000, 256, replace=False)
+    results = bank.execute([Search(queries, 200), SearchUpdate(ids, queries, 200), Search(queries, 200),
+                            Update(ids[:64], queries[:64])])
+    assert_same_knn(results[0].knn.scores, results[0].knn.ids, *brute_force_knn(rows, queries, 200))
+    assert_same_knn(results[1].knn.scores, results[1].knn.ids, *brute_force_knn(rows, queries, 200, ids))
+    after = momentum_oracle(rows, ids, queries, 0.5)
+    assert_same_knn(results[2].knn.scores, results[2].knn.ids, *brute_force_knn(after.astype(np.float32), queries, 200))
+    final = momentum_oracle(after, ids[:64], queries[:64], 0.5)
+    np.testing.assert_allclose(bank.export(), final, rtol=1e-5, atol=1e-6)
+
+
+def test_a_gpu_bank_restores_from_host_rows_bit_for_bit(bank: MemoryBank) -> None:
+    rows = bank.export()
+    again = MemoryBank(bank.config, rows, Placement.resolve("torch", "cuda"))
+    assert np.array_equal(again.export(), rows)
+
+
+def test_a_server_on_the_gpu_answers_like_the_oracle(tmp_path, rng: np.random.Generator) -> None:
+    proc, address = start_server(tmp_path, "--device", "cuda")
+    try:
+        with connect(address) as client:
+            assert client.create("feat/7", 50_000, 64, seed=1)["engine"] == "torch"
+            rows = client.gather("feat/7", np.arange(50_000))
+            queries = rng.standard_normal((256, 64)).astype(np.float32)
+            scores, ids = client.knn("feat/7", queries, 200)
+            assert_same_knn(scores, ids, *brute_force_knn(rows, queries, 200))
+    finally:
+        stop_server(proc)
