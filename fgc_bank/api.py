@@ -61,6 +61,27 @@ def _knn_result(reply: Reply) -> KnnResult:
     return KnnResult(reply.arrays["scores"], reply.arrays["ids"], _version(reply))
 
 
+def _as_given(example: Any, decode: Callable[[Reply], T]) -> Callable[[Reply], T]:
+    """``decode``, giving its arrays back as torch tensors on ``example``'s device when the caller
+    passed a torch tensor (as ``faiss.contrib.torch_utils`` does); numpy callers never load torch."""
+    if not hasattr(example, "detach") or not hasattr(example, "device"):
+        return decode
+    device = example.device
+
+    def convert(array: np.ndarray) -> Any:
+        import torch
+
+        return torch.from_numpy(array).to(device, non_blocking=True)
+
+    def decoded(reply: Reply) -> T:
+        result = decode(reply)
+        if isinstance(result, KnnResult):
+            return KnnResult(convert(result.scores), convert(result.ids), result.version)  # type: ignore[return-value]
+        return convert(result)
+
+    return decoded
+
+
 class BankHandle(abc.ABC):
     """Methods shared by :class:`~fgc_bank.local.LocalBank` and :class:`~fgc_bank.client.BankClient`."""
 
@@ -117,25 +138,26 @@ class BankHandle(abc.ABC):
         return self._call(_update_request(name, ids, rows, mode), _version)
 
     def knn_async(self, name: str, queries: Any, k: int, *, exclude: Any = None) -> concurrent.futures.Future[KnnResult]:
-        """Top-k rows by inner product for each query (B, D); ``exclude`` (B,) drops one id each."""
-        return self._submit(_knn_request(name, queries, k, exclude), _knn_result)
+        """Top-k rows by inner product for each query (B, D); ``exclude`` (B,) drops one id each.
+        Scores and ids come back as the queries came: numpy, or torch on the queries' device."""
+        return self._submit(_knn_request(name, queries, k, exclude), _as_given(queries, _knn_result))
 
     def knn(self, name: str, queries: Any, k: int, *, exclude: Any = None) -> KnnResult:
         """Blocking :meth:`knn_async`."""
-        return self._call(_knn_request(name, queries, k, exclude), _knn_result)
+        return self._call(_knn_request(name, queries, k, exclude), _as_given(queries, _knn_result))
 
     def knn_update_async(self, name: str, ids: Any, features: Any, k: int) -> concurrent.futures.Future[KnnResult]:
         """FGC's step: top-k of ``features`` against the rows as they were (own id excluded), then
         the momentum update of rows ``ids``. Issue it as soon as the features exist; collect later."""
-        return self._submit(_knn_update_request(name, ids, features, k), _knn_result)
+        return self._submit(_knn_update_request(name, ids, features, k), _as_given(features, _knn_result))
 
     def knn_update(self, name: str, ids: Any, features: Any, k: int) -> KnnResult:
         """Blocking :meth:`knn_update_async`."""
-        return self._call(_knn_update_request(name, ids, features, k), _knn_result)
+        return self._call(_knn_update_request(name, ids, features, k), _as_given(features, _knn_result))
 
     def gather(self, name: str, ids: Any) -> np.ndarray:
         """Rows ``ids`` (B,) -> (B, D) float32."""
-        return self._call(Request("gather", name, {}, {"ids": as_ids(ids)}), lambda r: r.arrays["rows"])
+        return self._call(Request("gather", name, {}, {"ids": as_ids(ids)}), _as_given(ids, lambda r: r.arrays["rows"]))
 
     def sample(self, name: str, m: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """``m`` distinct ids drawn with ``seed`` (sorted) and their rows."""

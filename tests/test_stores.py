@@ -68,3 +68,18 @@ def test_the_torch_store_serves_what_the_cpu_store_serves(tmp_path, rng: np.rand
             bank.close()
         for proc, _ in servers:
             stop_server(proc)
+
+
+def test_torch_in_torch_out_numpy_in_numpy_out() -> None:
+    with connect("local://") as bank:
+        bank.create("b", 500, 16, seed=2)
+        queries = torch.randn(8, 16)
+        scores, ids = bank.knn("b", queries, 5)
+        assert isinstance(scores, torch.Tensor) and ids.dtype == torch.int64 and ids.device == queries.device
+        rows = bank.gather("b", torch.arange(500))
+        assert isinstance(rows, torch.Tensor) and rows.shape == (500, 16)
+        assert_same_knn(scores.numpy(), ids.numpy(), *brute_force_knn(rows.numpy(), queries.numpy(), 5))
+        result = bank.knn_update_async("b", torch.arange(8), queries, 5).result()
+        assert isinstance(result.scores, torch.Tensor)
+        scores, ids = bank.knn("b", queries.numpy(), 5)
+        assert isinstance(scores, np.ndarray) and isinstance(ids, np.ndarray)
