@@ -27,6 +27,7 @@ from benchmarks.torch_store import benchmark as search_benchmark
 from benchmarks.workloads import WORKLOADS, Workload
 from fgc_bank.bank import momentum_update_
 
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         _sync(device)
