@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 INLINE_OPS = frozenset({"hello", "stats"})
 ADMIN_OPS = frozenset({"snapshot", "restore", "snapshots"})  # disk work: run on the admin thread
+RECEIVE_BATCH = 256  # messages the loop takes in before it lets replies have the ROUTER
 MAX_ADMIN_JOBS = 8  # restore/snapshots requests waiting for the admin thread before 'busy'
 
 
@@ -145,10 +146,11 @@ class BankServer:
         # outright (it drops the connection) so they never reach memory.
         router.setsockopt(zmq.MAXMSGSIZE, 2 * config.max_frame_bytes + MAX_HEADER_BYTES)
         router.setsockopt(zmq.RCVHWM, 4 * config.max_queue)  # past this, TCP pushes back on senders
-        # Replies waiting per peer, in messages: above the largest burst a worker sends one peer
-        # (a run of its queued requests), so only a peer that stops reading reaches it; then
-        # replies are dropped. Its small frames are bounded by this, the rest in bytes (Delivery).
-        router.setsockopt(zmq.SNDHWM, 4 * config.max_queue)
+        # Replies waiting per peer, in messages: above the largest burst one peer can be sent (the
+        # loop's answers to a batch it took in, each worker's run of queued requests), so only a
+        # peer that stops reading reaches it; then replies are dropped. Its small frames are
+        # bounded by this, the rest in bytes (Delivery).
+        router.setsockopt(zmq.SNDHWM, RECEIVE_BATCH + config.workers * config.max_queue)
         router.copy_threshold = ZERO_COPY_BYTES
         if config.curve_secret is not None:
             from bank_server.auth import start_curve
@@ -206,11 +208,11 @@ class BankServer:
             signal.signal(sig, lambda signum, frame: self.stop())
 
     def _receive(self) -> bool:
-        """Take in and handle the requests waiting (at most 256, so replies get the lock too);
+        """Take in and handle the requests waiting (at most RECEIVE_BATCH, so replies get the lock too);
         False if there were none."""
         with self._router_lock:
             batch = []
-            while len(batch) < 256 and readable(self._router):
+            while len(batch) < RECEIVE_BATCH and readable(self._router):
                 batch.append(recv_bounded(self._router, MAX_ARRAYS + 2, self.config.max_queued_bytes))
         for frames, cut in batch:
             self._handle_safely(frames[0], frames[1:], cut)
