@@ -35,9 +35,12 @@ QUICK_BUDGET_S = 0.6
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-results"),
               help="Directory for bench.json, bench.png and RESULTS.md.")
 @click.option("--progress/--no-progress", default=True, help="A progress bar on stderr.")
+@click.option("--device", default="cpu", help="cpu: the CPU contenders below; cuda or cuda:N: the GPU "
+              "bench (benchmarks/gpu.py: the paper's search, the torch store, GEMM bounds, momentum "
+              "updates, a served bank with 1 and 8 clients), written as gpu.json.")
 def bench(workloads: tuple[str, ...], quick: bool, max_rows: int | None, batch: int, clients: tuple[int, ...],
           threads: int, seconds: float | None, reps: int, peak_size: int | None, seed: int, out_dir: Path,
-          progress: bool) -> None:
+          progress: bool, device: str) -> None:
     """Measure top-k inner-product search: queries/s, knn_update latency, update rows/s.
 
     Contenders, on the same rows: FAISS knn with default settings and with its BLAS path forced,
@@ -45,6 +48,11 @@ def bench(workloads: tuple[str, ...], quick: bool, max_rows: int | None, batch: 
     server over loopback with 1, 2 and 4 client processes. Each rate is also given as a fraction of
     the compute bound: the measured peak sgemm rate divided by the 2*N*D flops of one query.
     """
+    if device != "cpu":
+        from benchmarks import gpu
+
+        gpu.run_all(device, list(workloads) or None, out_dir=out_dir)
+        return
     from tqdm import tqdm
 
     from benchmarks import report, suite

@@ -95,22 +95,15 @@ def run(workload: Workload, device: torch.device, requests: int, peaks: dict[str
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--workload", action="append", choices=sorted(WORKLOADS))
-    parser.add_argument("--requests", type=int, default=40, help="knn requests per client process")
-    parser.add_argument("--gemm-size", type=int, default=8192, help="side of the square GEMMs that measure the peaks")
-    parser.add_argument("--out", type=Path, default=Path("."))
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    peaks = {"fp32_tflops": gemm_tflops(torch.float32, device, args.gemm_size),
-             "bf16_tflops": gemm_tflops(torch.bfloat16, device, args.gemm_size)}
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"{name}: GEMM float32 {peaks['fp32_tflops']:.1f} TFLOP/s, "
-          f"bfloat16 {peaks['bf16_tflops']:.1f} TFLOP/s")
-    results = [run(WORKLOADS[name], device, args.requests, peaks)
-               for name in args.workload or ["cifar", "imagenet-128", "imagenet-512"]]
+def run_all(device: str, workloads: list[str] | None = None, requests: int = 40, out_dir: Path = Path("."),
+            gemm_size: int = 8192) -> list[dict[str, Any]]:
+    """Every measurement on every workload; prints the table and the targets, writes gpu.json."""
+    where = torch.device(device)
+    peaks = {"fp32_tflops": gemm_tflops(torch.float32, where, gemm_size),
+             "bf16_tflops": gemm_tflops(torch.bfloat16, where, gemm_size)}
+    name = torch.cuda.get_device_name(where) if where.type == "cuda" else "cpu"
+    print(f"{name}: GEMM float32 {peaks['fp32_tflops']:.1f} TFLOP/s, bfloat16 {peaks['bf16_tflops']:.1f} TFLOP/s")
+    results = [run(WORKLOADS[w], where, requests, peaks) for w in workloads or ["cifar", "imagenet-128", "imagenet-512"]]
     keys = ["float32_mm_topk_qps", "torch_store_qps", "store_vs_paper", "store_vs_bf16_bound",
             "server_1_clients_qps", "server_8_clients_qps", "update_rows_per_s", "fallbacks"]
     print("workload".ljust(14) + "".join(k.ljust(22) for k in keys))
@@ -120,8 +113,20 @@ def main() -> None:
         if r["workload"] == "imagenet-512":
             for key, goal in TARGETS.items():
                 print(f"target {key}: {r[key]:.4g} (goal {goal:g}) {'met' if r[key] >= goal else 'MISSED'}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu.json").write_text(json.dumps({"peaks": peaks, "results": results}, indent=2))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "gpu.json").write_text(json.dumps({"device": name, "peaks": peaks, "results": results}, indent=2))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--workload", action="append", choices=sorted(WORKLOADS))
+    parser.add_argument("--requests", type=int, default=40, help="knn requests per client process")
+    parser.add_argument("--gemm-size", type=int, default=8192, help="side of the square GEMMs that measure the peaks")
+    parser.add_argument("--out", type=Path, default=Path("."))
+    args = parser.parse_args()
+    run_all(args.device, args.workload, args.requests, args.out, args.gemm_size)
 
 
 if __name__ == "__main__":

@@ -181,3 +181,11 @@ def test_python_dash_m_trainer_shows_every_fgc_knob() -> None:
                  "--bank", "--resume", "--init-from"):
         assert knob in done.stdout, knob
     assert "default: 0.003" in done.stdout  # kappa, FGC's published value
+
+
+@pytest.mark.parametrize("device, phrase", [("tpu", "is not a device"), ("meta", "cpu or cuda devices"), ("cuda:banana", "is not a device")]
+                         + ([] if torch.cuda.is_available() else [("cuda", "no CUDA GPU")]))
+def test_a_device_that_is_not_there_stops_before_training(tmp_path: Path, device: str, phrase: str) -> None:
+    result = invoke("--device", device, "--out-dir", str(tmp_path / "o"))
+    assert_stopped_before_training(result, tmp_path / "o", phrase)
+    assert "Traceback" not in result.output

@@ -163,7 +163,10 @@ class FeatureBanks:
         features : (B, C) detached features avgpool(h), any device.
         search : after warm-up: FGC steps 1+2 (returns a future); in warm-up: step 2 only.
         """
-        rows = features.float().cpu().numpy()
+        # SYNC (deliberate, on a GPU): the bank is another process and a request carries host
+        # memory, so this waits for the forward up to this block; the search then overlaps the
+        # rest of the forward, the loss waits for it only when it needs the positives.
+        rows = features.detach().float().cpu().numpy()
         if search:
             return self.client.knn_update_async(self.names[block], ids, rows, self.k)
         self.client.update(self.names[block], ids, rows, mode="momentum")
@@ -247,7 +250,8 @@ def positives(ids: Tensor, found: KnnResult | None) -> Tensor:
     own = ids.reshape(-1, 1)
     if found is None:
         return own
-    neighbours = torch.from_numpy(np.asarray(found.ids, dtype=np.int64)).to(ids.device)
-    if (neighbours < 0).any():
+    found_ids = np.asarray(found.ids, dtype=np.int64)
+    if (found_ids < 0).any():  # checked on the host copy: no GPU sync
         raise TrainerError("the bank answered fewer than k neighbours (-1 ids); lower --nn-num")
+    neighbours = torch.from_numpy(found_ids).to(ids.device, non_blocking=True)
     return torch.cat([own, neighbours], dim=1)

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from trainer.errors import TrainerError
+
 logger = logging.getLogger(__name__)
 
 
@@ -36,13 +38,27 @@ class DistContext:
         return self.world_size > 1
 
 
-def pick_device(preference: str, local_rank: int) -> torch.device:
-    """``auto``: this rank's GPU when CUDA is available, else the CPU; or an explicit device."""
+def pick_device(preference: str, local_rank: int, local_world: int = 1) -> torch.device:
+    """``auto``: this rank's GPU when CUDA is available, else the CPU. ``cuda``: this rank's GPU
+    (``LOCAL_RANK``); ``cuda:N``: GPU N + LOCAL_RANK, so that the ranks of a node take GPUs N,
+    N+1, ... (N alone for a single process). TrainerError for a device that is not there."""
     if preference == "auto":
         preference = "cuda" if torch.cuda.is_available() else "cpu"
-    if preference == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(preference)
+    try:
+        device = torch.device(preference)
+    except (RuntimeError, TypeError):
+        raise TrainerError(f"--device {preference!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise TrainerError(f"--device {preference!r}: training runs on cpu or cuda devices")
+    if not torch.cuda.is_available():
+        raise TrainerError(f"--device {preference!r}: this torch has no CUDA GPU (torch {torch.__version__})")
+    index = (device.index or 0) + local_rank
+    if index >= torch.cuda.device_count():
+        raise TrainerError(f"--device {preference!r}: local rank {local_rank} of {local_world} needs GPU {index}, "
+                           f"and torch sees {torch.cuda.device_count()}")
+    return torch.device("cuda", index)
 
 
 def init_distributed(device_preference: str = "auto") -> DistContext:
@@ -50,7 +66,7 @@ def init_distributed(device_preference: str = "auto") -> DistContext:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(device_preference, local_rank)
+    device = pick_device(device_preference, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":

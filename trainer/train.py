@@ -182,17 +182,19 @@ class Trainer:
             if 0 < self.cfg.run.max_steps <= step:
                 break
             images, labels, ids = (t.to(self.ctx.device, non_blocking=True) for t in batch)
-            parts, out = self.train_step(images, labels, ids, plan)
+            parts, out = self.train_step(images, labels, ids, plan, host_ids=batch[2])
             meter.add(parts, out, labels)
-            if step % 10 == 0:
+            if step % 10 == 0:  # SYNC (deliberate, every 10 steps): the progress bar's loss
                 bar.set_postfix(loss=f"{parts['loss'].item():.3f}")
         return meter.reduce(self.ctx)
 
-    def train_step(self, images: Tensor, labels: Tensor, ids: Tensor, plan: EpochPlan
-                   ) -> tuple[dict[str, Tensor], GatedOutput]:
-        """Forward (issuing bank requests), losses, backward, step, gate-bank update."""
+    def train_step(self, images: Tensor, labels: Tensor, ids: Tensor, plan: EpochPlan,
+                   host_ids: Tensor | None = None) -> tuple[dict[str, Tensor], GatedOutput]:
+        """Forward (issuing bank requests), losses, backward, step, gate-bank update. ``host_ids``:
+        the batch's ids as the loader gave them, on the host (the bank requests need them there;
+        copying ``ids`` back from a GPU would wait for it)."""
         pending: dict[int, concurrent.futures.Future[KnnResult]] = {}
-        hook = self._bank_hook(ids, plan, pending) if self.banks else None
+        hook = self._bank_hook(ids if host_ids is None else host_ids, plan, pending) if self.banks else None
         out: GatedOutput = self.net(images, on_features=hook)
         parts = self.losses(out, labels, ids, plan, pending)
         self.optimizer.zero_grad(set_to_none=True)
@@ -207,7 +209,7 @@ class Trainer:
                    pending: dict[int, concurrent.futures.Future[KnnResult]]
                    ) -> Callable[[int, Tensor], None]:
         """The forward's ``on_features``: send each contrasted block's features right away."""
-        ids_np = ids.cpu().numpy()
+        ids_np = ids.cpu().numpy()  # host ids: no copy, no sync
         features_bank = self.banks.features  # type: ignore[union-attr]
 
         def on_features(block: int, features: Tensor) -> None:
