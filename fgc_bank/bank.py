@@ -233,11 +233,28 @@ class MemoryBank:
             return self.store.export()
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        """A request's array as a tensor on the store's device (no copy for a writable host
-        array and a CPU store; a received frame is read-only, so it is copied once)."""
-        if not array.flags.writeable:
-            array = array.copy()
-        return torch.from_numpy(array).to(self.store.device, non_blocking=True)
+        """A request's array as a tensor on the store's device. CPU store: no copy for a writable
+        array (a received frame is read-only: copied once). GPU: copied into a pinned host buffer
+        (torch's caching host allocator reuses them) and sent with one asynchronous copy."""
+        if self.store.device.type == "cpu":
+            return torch.from_numpy(array if array.flags.writeable else array.copy())
+        pinned = torch.empty(array.shape, dtype=_TORCH_DTYPES[array.dtype], pin_memory=True)
+        pinned.numpy()[...] = array
+        return pinned.to(self.store.device, non_blocking=True)
+
+    def _host(self, tensor: torch.Tensor) -> np.ndarray:
+        """A result as numpy on the host: no copy from a CPU store; from a GPU, one asynchronous
+        copy into pinned memory, readable once :meth:`_landed` has run."""
+        if tensor.device.type == "cpu":
+            return tensor.detach().contiguous().numpy()
+        pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        pinned.copy_(tensor, non_blocking=True)
+        return pinned.numpy()
+
+    def _landed(self) -> None:
+        """Wait for the copies :meth:`_host` started (a GPU store only)."""
+        if self.store.device.type == "cuda":
+            torch.cuda.current_stream(self.store.device).synchronize()  # SYNC: the answers are read next
 
     # -- validation: everything that crosses a socket is checked before it touches the rows ------
 
@@ -312,7 +329,9 @@ class MemoryBank:
         """Rows ``ids`` (B,) -> (B, D) float32 copy."""
         self._check_ids(ids, "ids")
         with self.lock:
-            return _host(self.store.read(self._tensor(np.asarray(ids, np.int64))))
+            rows = self._host(self.store.read(self._tensor(np.asarray(ids, np.int64))))
+            self._landed()
+            return rows
 
     def sample(self, m: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """``m`` distinct random ids (sorted) and their rows, reproducible from ``seed``."""
@@ -322,7 +341,9 @@ class MemoryBank:
             raise BankError(ErrorCode.BAD_ARGUMENT, f"seed must be in [0, 2^63), got {seed}")
         ids = np.sort(np.random.default_rng(seed).choice(self.config.rows, size=m, replace=False)).astype(np.int64)
         with self.lock:
-            return ids, _host(self.store.read(self._tensor(ids)))
+            rows = self._host(self.store.read(self._tensor(ids)))
+            self._landed()
+            return ids, rows
 
     def execute(self, ops: Sequence[Op]) -> list[OpResult]:
         """Apply ``ops`` in order, as if one at a time, with all their searches in one store search.
@@ -380,7 +401,8 @@ class MemoryBank:
             if isinstance(op, SearchUpdate):
                 changed.append(self._apply_update(op.ids, op.features, "momentum"))
             version = self.counters["updates"]
-            results.append(OpResult(KnnResult(_host(top_scores), _host(top_ids), version), version))
+            results.append(OpResult(KnnResult(self._host(top_scores), self._host(top_ids), version), version))
+        self._landed()
         return results
 
     def _finish(self, queries: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor, k: int,
@@ -430,6 +452,4 @@ class MemoryBank:
         return index
 
 
-def _host(tensor: torch.Tensor) -> np.ndarray:
-    """A result as numpy on the host (no copy for a contiguous CPU tensor)."""
-    return tensor.detach().cpu().contiguous().numpy()
+_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.int64): torch.int64}
