@@ -30,11 +30,14 @@ class StatsCollector:
         rows = GaugeMetricFamily("fgc_bank_bank_rows", "Rows per bank", labels=["bank"])
         updates = CounterMetricFamily("fgc_bank_bank_rows_updated", "Rows updated per bank", labels=["bank"])
         queries = CounterMetricFamily("fgc_bank_bank_queries", "kNN queries per bank", labels=["bank"])
+        placed = GaugeMetricFamily("fgc_bank_bank_placement", "Where each bank's rows live and what "
+                                   "searches them (always 1)", labels=["bank", "device", "engine"])
         for name, b in stats.get("banks", {}).items():
+            placed.add_metric([name, b.get("device", "cpu"), b.get("engine", "faiss")], 1)
             rows.add_metric([name], b["rows"])
             updates.add_metric([name], b["rows_updated"])
             queries.add_metric([name], b["queries"])
-        yield from (requests, errors, latency, rows, updates, queries)
+        yield from (requests, errors, latency, rows, updates, queries, placed)
         yield GaugeMetricFamily("fgc_bank_queue_depth", "Requests waiting for a worker", value=stats.get("queue_depth", 0))
         yield CounterMetricFamily("fgc_bank_dropped_replies", "Replies to clients that were gone or "
                                   "were not reading theirs", value=stats.get("dropped_replies", 0))

@@ -90,6 +90,7 @@ def test_prometheus_endpoint_reports_requests_and_banks(tmp_path: Path) -> None:
         assert 'fgc_bank_bank_rows{bank="feat/7"} 1000.0' in text
         assert 'fgc_bank_bank_queries_total{bank="feat/7"} 48.0' in text
         assert "fgc_bank_queue_depth" in text
+        assert 'fgc_bank_bank_placement{bank="feat/7",device="cpu",engine="faiss"} 1.0' in text
         assert "fgc_bank_coalesce_wait_seconds_total" in text
         held = BankConfig("feat/7", 1000, 8).nbytes()
         assert f'fgc_bank_held_bytes{{what="banks"}} {float(held)}' in text
