@@ -92,6 +92,17 @@ def _unit_mix(old: torch.Tensor, values: torch.Tensor, momentum: float) -> torch
     return unit
 
 
+def initial_rows(rows: int, dim: int, init: str = "uniform", seed: int = 0) -> torch.Tensor:
+    """A bank's first rows, from a seeded generator: ``uniform`` is FGC's U[-s, s] with
+    s = 1/sqrt(dim/3) (feature and gate banks alike); ``unit`` is random unit rows."""
+    gen = torch.Generator().manual_seed(seed)
+    if init == "uniform":
+        bound = 1.0 / math.sqrt(dim / 3.0)
+        return torch.rand(rows, dim, generator=gen).mul_(2 * bound).sub_(bound)
+    values = torch.randn(rows, dim, generator=gen)
+    return values.div_(values.norm(dim=1, keepdim=True).clamp_min_(1e-12))
+
+
 @dataclass(frozen=True)
 class BankConfig:
     """What defines a bank. Stored in snapshots and answered by ``info``."""
@@ -202,7 +213,8 @@ class MemoryBank:
     def __init__(self, config: BankConfig, rows: torch.Tensor | np.ndarray | None = None,
                  placement: Placement | None = None) -> None:
         self.config = config
-        initial = self._initial_rows(config) if rows is None else torch.as_tensor(rows)
+        initial = initial_rows(config.rows, config.dim, config.init, config.seed) if rows is None \
+            else torch.as_tensor(rows)
         if tuple(initial.shape) != (config.rows, config.dim) or initial.dtype != torch.float32:
             raise BankError(ErrorCode.BANK_MISMATCH, f"rows of shape {tuple(initial.shape)} "
                             f"do not fit bank {config.name!r} ({config.rows} x {config.dim} float32)")
@@ -212,15 +224,6 @@ class MemoryBank:
         self.counters = {"updates": 0, "rows_updated": 0, "searches": 0, "queries": 0,
                          "coalesced_calls": 0}
         self.lock = threading.Lock()
-
-    @staticmethod
-    def _initial_rows(config: BankConfig) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(config.seed)
-        if config.init == "uniform":  # FGC: U[-s, s], s = 1 / sqrt(C / 3)
-            bound = 1.0 / math.sqrt(config.dim / 3.0)
-            return torch.rand(config.rows, config.dim, generator=gen).mul_(2 * bound).sub_(bound)
-        rows = torch.randn(config.rows, config.dim, generator=gen)
-        return rows.div_(rows.norm(dim=1, keepdim=True).clamp_min_(1e-12))
 
     def info(self) -> dict:
         """Config, counters, and where the rows live and what searches them (``info``, ``stats``)."""

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data.distributed import DistributedSampler
 
 from fgc_bank import connect
-from trainer.banks import uniform_rows
+from fgc_bank.bank import initial_rows
 from trainer.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,7 +52,7 @@ def test_two_rank_torchrun_keeps_gate_banks_identical(tmp_path: Path, server: st
     for block in ("7", "8"):
         assert torch.equal(rank0[block], rank1[block])
         assert torch.equal(rank0[block], saved[block])
-        initial = uniform_rows(SIZE, 64, seed=int(block))  # seed 0 + block
+        initial = initial_rows(SIZE, 64, "uniform", seed=int(block))  # seed 0 + block
         changed = (rank0[block] != initial).any(dim=1).nonzero().flatten().tolist()
         assert set(changed) == expected_changed  # both ranks' updates reached both replicas
         norms = rank0[block][changed].norm(dim=1)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import math
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,7 @@ from torch import Tensor
 
 from fgc_bank import connect
 from fgc_bank.api import BankHandle
-from fgc_bank.bank import momentum_update_
+from fgc_bank.bank import initial_rows, momentum_update_
 from fgc_bank.errors import BankError, BankTimeout, BankUnavailable, ErrorCode
 from fgc_bank.results import KnnResult
 from trainer.distributed import DistContext, all_gather_rows
@@ -35,13 +34,6 @@ logger = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 5.0
 TRANSFER_CHUNK = 8192  # rows per gather / overwrite request when saving or restoring a bank
-
-
-def uniform_rows(rows: int, dim: int, seed: int, device: torch.device | str = "cpu") -> Tensor:
-    """FGC's bank initialisation: U[-s, s] with s = 1/sqrt(dim/3), from a seeded generator."""
-    bound = 1.0 / math.sqrt(dim / 3.0)
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.rand(rows, dim, generator=gen) * (2 * bound) - bound).to(device)
 
 
 def first_occurrence(ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -72,7 +64,7 @@ class GateBank:
     def __init__(self, dims: dict[int, int], size: int, momentum: float, seed: int,
                  device: torch.device | str) -> None:
         self.momentum = momentum
-        self.rows = {b: uniform_rows(size, c, seed + b, device) for b, c in dims.items()}
+        self.rows = {b: initial_rows(size, c, "uniform", seed + b).to(device) for b, c in dims.items()}
 
     def __getitem__(self, block: int) -> Tensor:
         return self.rows[block]
