@@ -115,7 +115,43 @@ def run_all(device: str, workloads: list[str] | None = None, requests: int = 40,
                 print(f"target {key}: {r[key]:.4g} (goal {goal:g}) {'met' if r[key] >= goal else 'MISSED'}")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "gpu.json").write_text(json.dumps({"device": name, "peaks": peaks, "results": results}, indent=2))
+    chart(results, name, out_dir / "gpu.png")
     return results
+
+
+SERIES = (("float32_mm_topk_qps", "paper: float32 torch.mm + topk", "#999999", "//"),
+          ("torch_store_qps", "fgc-bank torch store, in process", "#1f77b4", ""),
+          ("server_1_clients_qps", "fgc-bank server, 1 client", "#ff7f0e", ""),
+          ("server_8_clients_qps", "fgc-bank server, 8 clients", "#d62728", ""))
+
+
+def chart(results: list[dict[str, Any]], device: str, path: Path) -> None:
+    """Queries/s of each contender per workload (log axis), the bfloat16 and float32 GEMM bounds
+    as markers, the served target as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(SERIES)
+    for i, (key, label, colour, hatch) in enumerate(SERIES):
+        xs = [j + (i - (len(SERIES) - 1) / 2) * width for j in range(len(results))]
+        ax.bar(xs, [r[key] for r in results], width, label=label, color=colour, hatch=hatch, edgecolor="black")
+    for j, r in enumerate(results):
+        ax.plot([j - 0.4, j + 0.4], [r["bf16_bound_qps"]] * 2, color="black", linestyle="--",
+                label="bfloat16 GEMM bound" if j == 0 else None)
+        ax.plot([j - 0.4, j + 0.4], [r["fp32_bound_qps"]] * 2, color="black", linestyle=":",
+                label="float32 GEMM bound" if j == 0 else None)
+    ax.axhline(TARGETS["server_8_clients_qps"], color="#d62728", linewidth=0.8, label="target: 50,000 queries/s (imagenet-512, 8 clients)")
+    ax.set_yscale("log")
+    ax.set_ylabel("queries/s (B = 256)")
+    ax.set_xticks(range(len(results)), [f"{r['workload']}\nN={r['n']:,} D={r['d']} k={r['k']}" for r in results])
+    ax.set_title(f"fgc-bank on {device}: kNN throughput against the FGC paper's search", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
