@@ -27,7 +27,7 @@ import numpy as np
 from benchmarks.workloads import Workload, make_queries, make_update_ids
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
+    from typing import Self
 
 SERVER_START_TIMEOUT_S = 120.0
 CLIENT_TIMEOUT_S = 600.0  # one imagenet-512 request takes seconds; coalesced ones longer

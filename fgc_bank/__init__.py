@@ -4,7 +4,12 @@
 (or ``ipc://path``) for a server started with ``fgc-bank serve``. Both have the same methods.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:  # the one version string: pyproject.toml's, as installed
+    __version__ = version("fgc-bank")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 from fgc_bank.api import connect
 

@@ -46,6 +46,7 @@ class LazyGroup(click.Group):
                                "help_option_names": ["-h", "--help"]})
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               help="Logging verbosity (to stderr).")
+@click.version_option(package_name="fgc-bank", prog_name="fgc-bank")
 def main(log_level: str) -> None:
     """fgc-bank: a shared kNN memory-bank server for Feature-Gate Coupling training.
 

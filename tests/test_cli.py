@@ -101,3 +101,18 @@ def test_ls_snapshot_restore_and_drop_with_prefixes(tmp_path) -> None:
 def test_ls_on_a_server_without_snapshots(server: str) -> None:
     result = CliRunner().invoke(main, ["ls", server])
     assert result.exit_code == 0 and "no snapshot directory" in result.output
+
+
+def test_both_commands_report_the_installed_version() -> None:
+    from importlib.metadata import version
+
+    from click.testing import CliRunner
+
+    import fgc_bank
+    from fgc_bank.cli import main
+    from trainer.cli import train
+
+    for command in (main, train):
+        result = CliRunner().invoke(command, ["--version"])
+        assert result.exit_code == 0 and version("fgc-bank") in result.output, result.output
+    assert fgc_bank.__version__ == version("fgc-bank")

@@ -94,6 +94,7 @@ def _opt(*decls: str, param: str, **kwargs: Any) -> Any:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"],
                                  "max_content_width": 100})
+@click.version_option(package_name="fgc-bank", prog_name="fgc-train")
 @_opt("--phase", param="phase", type=click.Choice(PHASES),
       help="bas: batch-shaping baseline; fgc: gate contrastive loss with bank positives.")
 @_opt("--arch", param="arch", type=click.Choice(ARCHS), help="Gated ResNet.")
