@@ -49,8 +49,9 @@ def _knn_request(name: str, queries: Any, k: int, exclude: Any) -> Request:
     return Request("knn", name, {"k": int(k)}, arrays)
 
 
-def _knn_update_request(name: str, ids: Any, features: Any, k: int) -> Request:
-    return Request("knn_update", name, {"k": int(k)}, {"ids": as_ids(ids), "features": as_rows(features)})
+def _knn_update_request(name: str, ids: Any, features: Any, k: int, step: int | None = None) -> Request:
+    args = {"k": int(k)} if step is None else {"k": int(k), "step": int(step)}
+    return Request("knn_update", name, args, {"ids": as_ids(ids), "features": as_rows(features)})
 
 
 def _version(reply: Reply) -> int:
@@ -146,14 +147,18 @@ class BankHandle(abc.ABC):
         """Blocking :meth:`knn_async`."""
         return self._call(_knn_request(name, queries, k, exclude), _as_given(queries, _knn_result))
 
-    def knn_update_async(self, name: str, ids: Any, features: Any, k: int) -> concurrent.futures.Future[KnnResult]:
+    def knn_update_async(self, name: str, ids: Any, features: Any, k: int, *,
+                         step: int | None = None) -> concurrent.futures.Future[KnnResult]:
         """FGC's step: top-k of ``features`` against the rows as they were (own id excluded), then
-        the momentum update of rows ``ids``. Issue it as soon as the features exist; collect later."""
-        return self._submit(_knn_update_request(name, ids, features, k), _as_given(features, _knn_result))
+        the momentum update of rows ``ids``. Issue it as soon as the features exist; collect later.
+        With ``step`` (the global training step), every rank's request of that step searches the
+        bank as it was at the end of the previous step and the step's updates are applied in a
+        fixed order when it ends: N ranks compute what one process with the global batch does."""
+        return self._submit(_knn_update_request(name, ids, features, k, step), _as_given(features, _knn_result))
 
-    def knn_update(self, name: str, ids: Any, features: Any, k: int) -> KnnResult:
+    def knn_update(self, name: str, ids: Any, features: Any, k: int, *, step: int | None = None) -> KnnResult:
         """Blocking :meth:`knn_update_async`."""
-        return self._call(_knn_update_request(name, ids, features, k), _as_given(features, _knn_result))
+        return self._call(_knn_update_request(name, ids, features, k, step), _as_given(features, _knn_result))
 
     def gather(self, name: str, ids: Any) -> np.ndarray:
         """Rows ``ids`` (B,) -> (B, D) float32."""

@@ -176,11 +176,13 @@ class Update:
 
 @dataclass(frozen=True)
 class SearchUpdate:
-    """FGC's fused step: search with the rows as they were (own id excluded), then update ``ids``."""
+    """FGC's fused step: search with the rows as they were (own id excluded), then update ``ids``.
+    With a ``step`` (a training step, >= 0) it is step-consistent: see :class:`MemoryBank`."""
 
     ids: np.ndarray
     features: np.ndarray
     k: int
+    step: int | None = None
 
 
 Op = Search | Update | SearchUpdate
@@ -203,6 +205,15 @@ class MemoryBank:
     low-precision copy of its rows that its search uses to find candidates before it ranks them
     in float32.
 
+    Step-consistent ``knn_update`` (``SearchUpdate.step = t``): every request tagged with step t
+    searches the bank as it was at the end of step t-1, whatever order the requests (from any
+    number of ranks) arrive in, and their updates wait, one step's worth, until the step closes:
+    when a request of a later step or an untagged op arrives, or a snapshot is taken. They are
+    then applied in a fixed order (by row id; a row written twice in the step by its values'
+    bits), so the bank after step t is the same bit for bit however the requests interleaved. A
+    request for a step already closed is refused with ``step_closed``: it could no longer be
+    answered exactly. Untagged ops behave as always.
+
     Numbers: rows and queries are finite, and every row or query that is scored (rows given to
     the constructor or written by ``overwrite``, queries and ``knn_update`` features) has a norm
     below ``MAX_NORM`` = 2^63, so no float32 score overflows; others are refused with
@@ -222,8 +233,10 @@ class MemoryBank:
             _check_values(initial.detach().cpu().numpy(), "rows", scored=True)
         self.store = (placement or Placement.resolve()).make(initial)
         self.counters = {"updates": 0, "rows_updated": 0, "searches": 0, "queries": 0,
-                         "coalesced_calls": 0}
+                         "coalesced_calls": 0, "closed_step": -1}
         self.lock = threading.Lock()
+        self._step: int | None = None  # the open training step, whose updates wait in _pending
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # (ids, features) of its requests
 
     def info(self) -> dict:
         """Config, counters, and where the rows live and what searches them (``info``, ``stats``)."""
@@ -231,8 +244,10 @@ class MemoryBank:
                 "engine": self.store.engine}
 
     def export(self) -> np.ndarray:
-        """(N, D) float32 host copy of the rows (snapshots), taken under the lock."""
+        """(N, D) float32 host copy of the rows (snapshots), taken under the lock; an open
+        training step is closed first, so its updates are in it."""
         with self.lock:
+            self._close_step()
             return self.store.export()
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
@@ -323,6 +338,8 @@ class MemoryBank:
             self._check_rows(op.features, "features", op.ids.shape[0])
             self._check_distinct(op.ids)
             self._check_k(op.k, True)
+            if op.step is not None and not (isinstance(op.step, int) and 0 <= op.step < 2**63):
+                raise BankError(ErrorCode.BAD_ARGUMENT, f"step must be in [0, 2^63), got {quote(op.step)}")
         else:
             raise BankError(ErrorCode.INTERNAL, f"unknown bank op {type(op).__name__}")
 
@@ -332,6 +349,7 @@ class MemoryBank:
         """Rows ``ids`` (B,) -> (B, D) float32 copy."""
         self._check_ids(ids, "ids")
         with self.lock:
+            self._close_step()
             rows = self._host(self.store.read(self._tensor(np.asarray(ids, np.int64))))
             self._landed()
             return rows
@@ -344,6 +362,7 @@ class MemoryBank:
             raise BankError(ErrorCode.BAD_ARGUMENT, f"seed must be in [0, 2^63), got {seed}")
         ids = np.sort(np.random.default_rng(seed).choice(self.config.rows, size=m, replace=False)).astype(np.int64)
         with self.lock:
+            self._close_step()
             rows = self._host(self.store.read(self._tensor(ids)))
             self._landed()
             return ids, rows
@@ -358,14 +377,15 @@ class MemoryBank:
         is searched again on its own (rare: changed rows are a tiny fraction of the bank).
         """
         with self.lock:
-            searches = [op for op in ops if not isinstance(op, Update)]
+            plan = self._step_plan(ops)
+            if plan and plan[0] == "close":  # before the search, which then sees the closed step
+                self._close_step()
+                plan[0] = "open" if isinstance(ops[0], SearchUpdate) and ops[0].step is not None else None
+            searches = [op for op, how in zip(ops, plan) if not isinstance(op, Update) and how not in ("refuse", "full")]
             if not searches:
-                results = []
-                for op in ops:
-                    self._apply_update(op.ids, op.values, op.mode)
-                    results.append(OpResult(None, self.counters["updates"]))
-                return results
+                return self._replay(ops, plan, None, None, None)
             changes = sum(op.ids.shape[0] for op in ops[:-1] if not isinstance(op, Search))
+            changes += sum(p[0].shape[0] for p in self._pending) if "close" in plan else 0
             depth = self._depth(searches, changes)
             queries = self._tensor(np.concatenate([self._queries(op) for op in searches])) if len(searches) > 1 \
                 else self._tensor(self._queries(searches[0]))
@@ -373,7 +393,47 @@ class MemoryBank:
             self.counters["searches"] += len(searches)
             self.counters["queries"] += queries.shape[0]
             self.counters["coalesced_calls"] += 1
-            return self._replay(ops, queries, scores, ids)
+            return self._replay(ops, plan, queries, scores, ids)
+
+    def _step_plan(self, ops: Sequence[Op]) -> list[str | None]:
+        """What each op does to the training step, in order: "open" one, "close" the open one
+        first (and open its own, for a tagged op), "refuse" (its step is closed), "full" (its
+        step already holds a bank's worth of rows: held updates stay within one step's worth),
+        or None."""
+        step, closed, plan = self._step, self.counters["closed_step"], []
+        held = sum(p[0].shape[0] for p in self._pending)
+        for op in ops:
+            tagged = op.step if isinstance(op, SearchUpdate) else None
+            how = None
+            if tagged is not None and (tagged <= closed or (step is not None and tagged < step)):
+                how = "refuse"
+            elif tagged is not None and step is None:
+                how, step, held = "open", tagged, 0
+            elif step is not None and tagged != step:  # an untagged op, or a later step
+                how, closed, step, held = "close", step, tagged, 0
+            if tagged is not None and how is None and held + op.ids.shape[0] > self.config.rows:
+                how = "full"
+            elif tagged is not None and how != "refuse":
+                held += op.ids.shape[0]
+            plan.append(how)
+        return plan
+
+    def _close_step(self) -> torch.Tensor | None:
+        """Apply the open step's updates in their fixed order; the ids written (None if none)."""
+        if self._step is None:
+            return None
+        self.counters["closed_step"], self._step = self._step, None
+        pending, self._pending = self._pending, []
+        if not pending:
+            return None
+        ids = np.concatenate([p[0] for p in pending])
+        values = np.concatenate([p[1] for p in pending])
+        order = np.lexsort((*values.view(np.uint32).T[::-1], ids))  # by id, then the values' bits
+        ids, values = ids[order], values[order]
+        occurrence = np.arange(len(ids)) - np.searchsorted(ids, ids)  # 0 for a row's first write
+        written = [self._apply_update(ids[occurrence == r], values[occurrence == r], "momentum")
+                   for r in range(int(occurrence.max()) + 1)]
+        return torch.unique(torch.cat(written))
 
     @staticmethod
     def _queries(op: Search | SearchUpdate) -> np.ndarray:
@@ -385,12 +445,27 @@ class MemoryBank:
             base += 8 + math.ceil(4 * base * changes / self.config.rows)
         return min(base, self.config.rows)
 
-    def _replay(self, ops: Sequence[Op], queries: torch.Tensor, scores: torch.Tensor,
-                ids: torch.Tensor) -> list[OpResult]:
-        results: list[OpResult] = []
+    def _replay(self, ops: Sequence[Op], plan: list[str | None], queries: torch.Tensor | None,
+                scores: torch.Tensor | None, ids: torch.Tensor | None) -> list[OpResult | BankError]:
+        results: list[OpResult | BankError] = []
         changed: list[torch.Tensor] = []
         offset = 0
-        for op in ops:
+        for op, how in zip(ops, plan):
+            if how == "refuse":
+                results.append(BankError(ErrorCode.STEP_CLOSED, f"step {op.step} of bank {self.config.name!r} "
+                                         f"is closed (the bank is at step {self._open_or_closed()}); its "
+                                         "answer could no longer be exact"))
+                continue
+            if how == "full":
+                results.append(BankError(ErrorCode.TOO_LARGE, f"step {op.step} of bank {self.config.name!r} "
+                                         f"already holds {self.config.rows} rows of updates, a bank's worth"))
+                continue
+            if how == "close":
+                closed = self._close_step()
+                if closed is not None:
+                    changed.append(closed)
+            if how in ("open", "close") and isinstance(op, SearchUpdate) and op.step is not None:
+                self._step = op.step
             if isinstance(op, Update):
                 changed.append(self._apply_update(op.ids, op.values, op.mode))
                 results.append(OpResult(None, self.counters["updates"]))
@@ -401,12 +476,22 @@ class MemoryBank:
             exclude = None if exclude is None else self._tensor(np.asarray(exclude, np.int64))
             stale = torch.unique(torch.cat(changed)) if changed else None
             top_scores, top_ids = self._finish(queries[rows], scores[rows], ids[rows], op.k, exclude, stale)
-            if isinstance(op, SearchUpdate):
+            if isinstance(op, SearchUpdate) and op.step is not None:
+                self._hold(op)
+            elif isinstance(op, SearchUpdate):
                 changed.append(self._apply_update(op.ids, op.features, "momentum"))
             version = self.counters["updates"]
             results.append(OpResult(KnnResult(self._host(top_scores), self._host(top_ids), version), version))
         self._landed()
         return results
+
+    def _hold(self, op: SearchUpdate) -> None:
+        """Keep a tagged request's update for when its step closes (copies: the request's
+        arrays are views of received frames)."""
+        self._pending.append((np.array(op.ids, np.int64), np.array(op.features, np.float32)))
+
+    def _open_or_closed(self) -> int:
+        return self.counters["closed_step"] if self._step is None else self._step
 
     def _finish(self, queries: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor, k: int,
                 exclude: torch.Tensor | None, stale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,6 +30,7 @@ class ErrorCode(str, Enum):
     BUSY = "busy"  # server queues full: back off and retry
     STALE_REQUEST = "stale_request"  # resent after the server's exactly-once window: not applied
     ID_REUSED = "id_reused"  # a (client, request id) sent again with other content
+    STEP_CLOSED = "step_closed"  # a step-tagged knn_update for a training step the bank has closed
     SNAPSHOT_FAILED = "snapshot_failed"  # a snapshot could not be written (disk full, directory not writable)
     TIMEOUT = "timeout"  # client side: no reply in time
     UNAVAILABLE = "unavailable"  # client side: server unreachable or closed

@@ -79,6 +79,7 @@ OPS: dict[str, OpSpec] = {
     "knn_update": OpSpec(
         needs_bank=True,
         args={"k": int},
+        optional_args={"step": int},
         arrays={"ids": ("int64", 1), "features": ("float32", 2)},
         mutates=True,
     ),

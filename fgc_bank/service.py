@@ -131,7 +131,7 @@ class BankService:
         elif request.op == "knn":
             op = Search(a["queries"], args["k"], a.get("exclude"))
         else:
-            op = SearchUpdate(a["ids"], a["features"], args["k"])
+            op = SearchUpdate(a["ids"], a["features"], args["k"], args.get("step"))
         bank.validate(op)
         return op
 
