@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -125,11 +126,18 @@ def measure(contenders: Sequence[Method], batches: Sequence[np.ndarray], budget_
 
 
 def bank_step_latency(bank: LocalBank, bank_name: str, features: Sequence[np.ndarray],
-                      ids: Sequence[np.ndarray], k: int, reps: int) -> list[float]:
-    """Seconds per ``knn_update`` (FGC's fused search-then-update step) on the in-process bank."""
-    bank.knn_update(bank_name, ids[0], features[0], k)  # warm-up
-    return [time_once(bank.knn_update, bank_name, ids[i % len(ids)], features[i % len(features)], k)
-            for i in range(reps)]
+                      ids: Sequence[np.ndarray], k: int, reps: int, step_consistent: bool = False) -> list[float]:
+    """Seconds per ``knn_update`` (FGC's fused search-then-update step) on the in-process bank.
+    ``step_consistent``: each call tagged with the next training step, so each also closes the
+    step before it (whose held update is applied then): the whole cost of the mode."""
+    steps = itertools.count(1)
+
+    def call(i: int) -> None:
+        step = next(steps) if step_consistent else None
+        bank.knn_update(bank_name, ids[i % len(ids)], features[i % len(features)], k, step=step)
+
+    call(0)  # warm-up
+    return [time_once(call, i) for i in range(reps)]
 
 
 def bank_update_seconds(bank: LocalBank, bank_name: str, values: Sequence[np.ndarray],

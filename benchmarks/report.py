@@ -112,6 +112,9 @@ def text_table(results: list[dict[str, Any]], peak: dict[str, Any]) -> str:
         for key, q, spread, x_bound, x_search, x_faiss in contender_rows(r):
             lines.append(f"  {key:<18} {q:>11,.0f} {spread:>7} {x_bound:>8.3f} {x_search:>9.3f} {x_faiss:>8.2f}")
         b, s = r["bank"], r["server"]
+        if "knn_update_step_ms" in b:
+            lines.append(f"  knn_update with step tags p50/p99 ms: in-process {b['knn_update_step_ms']['p50_ms']:.1f}/"
+                         f"{b['knn_update_step_ms']['p99_ms']:.1f}")
         lines.append(f"  knn_update p50/p99 ms: in-process {b['knn_update_ms']['p50_ms']:.1f}/{b['knn_update_ms']['p99_ms']:.1f}"
                      f", server {s['knn_update_ms']['p50_ms']:.1f}/{s['knn_update_ms']['p99_ms']:.1f}")
         lines.append(f"  update rows/s: in-process {b['update_rows_per_s']['median']:,.0f}, "

@@ -69,6 +69,8 @@ def run_workload(workload: Workload, peak: Peak, settings: Settings, tick: Calla
     reps = reps_for(step_s, settings.budget_s, max(settings.min_reps, 5), 4 * settings.max_reps)
     result["bank"] = {
         "knn_update_ms": asdict(Latency.of(inprocess.bank_step_latency(local, name, queries, ids, workload.k, reps))),
+        "knn_update_step_ms": asdict(Latency.of(inprocess.bank_step_latency(local, name, queries, ids, workload.k, reps,
+                                                                            step_consistent=True))),
         "update_rows_per_s": Stats.of(workload.batch / np.array(
             inprocess.bank_update_seconds(local, name, queries, ids, 4 * reps))).to_json(),
     }

@@ -145,7 +145,7 @@ class FeatureBanks:
                                names[block], client.address, info["updates"])
         return cls(client, names, k, scope=f"{prefix}/")
 
-    def issue(self, block: int, ids: np.ndarray, features: Tensor, search: bool
+    def issue(self, block: int, ids: np.ndarray, features: Tensor, search: bool, step: int | None = None
               ) -> concurrent.futures.Future[KnnResult] | None:
         """Send block ``block``'s features: kNN + update (``search``) or the update alone.
 
@@ -154,13 +154,15 @@ class FeatureBanks:
         ids : (B,) int64 dataset indices.
         features : (B, C) detached features avgpool(h), any device.
         search : after warm-up: FGC steps 1+2 (returns a future); in warm-up: step 2 only.
+        step : the global training step: every rank's request of the step searches the bank as
+            it was before the step, and the step's updates land in a fixed order (step-consistent).
         """
         # SYNC (deliberate, on a GPU): the bank is another process and a request carries host
         # memory, so this waits for the forward up to this block; the search then overlaps the
         # rest of the forward, the loss waits for it only when it needs the positives.
         rows = features.detach().float().cpu().numpy()
         if search:
-            return self.client.knn_update_async(self.names[block], ids, rows, self.k)
+            return self.client.knn_update_async(self.names[block], ids, rows, self.k, step=step)
         self.client.update(self.names[block], ids, rows, mode="momentum")
         return None
 

@@ -182,19 +182,23 @@ class Trainer:
             if 0 < self.cfg.run.max_steps <= step:
                 break
             images, labels, ids = (t.to(self.ctx.device, non_blocking=True) for t in batch)
-            parts, out = self.train_step(images, labels, ids, plan, host_ids=batch[2])
+            global_step = plan.epoch * len(self.train_loader) + step  # the same on every rank
+            parts, out = self.train_step(images, labels, ids, plan, host_ids=batch[2], global_step=global_step)
             meter.add(parts, out, labels)
             if step % 10 == 0:  # SYNC (deliberate, every 10 steps): the progress bar's loss
                 bar.set_postfix(loss=f"{parts['loss'].item():.3f}")
         return meter.reduce(self.ctx)
 
     def train_step(self, images: Tensor, labels: Tensor, ids: Tensor, plan: EpochPlan,
-                   host_ids: Tensor | None = None) -> tuple[dict[str, Tensor], GatedOutput]:
+                   host_ids: Tensor | None = None, global_step: int | None = None
+                   ) -> tuple[dict[str, Tensor], GatedOutput]:
         """Forward (issuing bank requests), losses, backward, step, gate-bank update. ``host_ids``:
         the batch's ids as the loader gave them, on the host (the bank requests need them there;
-        copying ``ids`` back from a GPU would wait for it)."""
+        copying ``ids`` back from a GPU would wait for it). ``global_step`` tags the bank requests,
+        so that N ranks search and update the feature banks as one process with the global batch."""
         pending: dict[int, concurrent.futures.Future[KnnResult]] = {}
-        hook = self._bank_hook(ids if host_ids is None else host_ids, plan, pending) if self.banks else None
+        hook = self._bank_hook(ids if host_ids is None else host_ids, plan, pending, global_step) \
+            if self.banks else None
         out: GatedOutput = self.net(images, on_features=hook)
         parts = self.losses(out, labels, ids, plan, pending)
         self.optimizer.zero_grad(set_to_none=True)
@@ -205,15 +209,14 @@ class Trainer:
             self.banks.gates.update(ids, logits, self.ctx)
         return parts, out
 
-    def _bank_hook(self, ids: Tensor, plan: EpochPlan,
-                   pending: dict[int, concurrent.futures.Future[KnnResult]]
-                   ) -> Callable[[int, Tensor], None]:
+    def _bank_hook(self, ids: Tensor, plan: EpochPlan, pending: dict[int, concurrent.futures.Future[KnnResult]],
+                   global_step: int | None = None) -> Callable[[int, Tensor], None]:
         """The forward's ``on_features``: send each contrasted block's features right away."""
         ids_np = ids.cpu().numpy()  # host ids: no copy, no sync
         features_bank = self.banks.features  # type: ignore[union-attr]
 
         def on_features(block: int, features: Tensor) -> None:
-            future = features_bank.issue(block, ids_np, features, search=plan.knn)
+            future = features_bank.issue(block, ids_np, features, search=plan.knn, step=global_step)
             if future is not None:
                 pending[block] = future
 
