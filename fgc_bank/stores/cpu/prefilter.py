@@ -168,11 +168,11 @@ class Prefilter(abc.ABC):
         """Upper bounds of every row's norm and of every row's rounding error's norm."""
         return float(self.norms.max(initial=0.0)), float(self.errors.max(initial=0.0))
 
-    def in_range(self, query_norms: np.ndarray) -> bool:
+    def in_range(self, query_norms: np.ndarray, row_norm: float) -> bool:
         """Whether the bound can be trusted for queries of these norms (see the module's
-        docstring): each is 0 or inside ``SAFE_NORMS``, and so is the largest row norm."""
+        docstring): each is 0 or inside ``SAFE_NORMS``, and so is ``row_norm``, the largest row
+        norm (``bounds()[0]``, which the caller has: two passes over the bank's norms, not four)."""
         low, high = SAFE_NORMS
-        row_norm = self.bounds()[0]
         nonzero = query_norms[query_norms != 0]
         return low <= row_norm <= high and bool(((nonzero >= low) & (nonzero <= high)).all())
 
@@ -228,9 +228,9 @@ class Bf16Rows(Prefilter):
     def encode(self, queries: np.ndarray) -> Encoded | None:
         """``[bf16(q), 0]``; None outside the range where the bound holds (:meth:`in_range`)."""
         norm = norm_bounds(queries)
-        if not self.in_range(norm):
-            return None
         row_norm, row_error = self.bounds()
+        if not self.in_range(norm, row_norm):
+            return None
         d = queries.shape[1]
         q16 = torch.from_numpy(queries).to(torch.bfloat16)
         rounded = q16.float().numpy()
@@ -328,9 +328,9 @@ class Int8Rows(Prefilter):
         where the bound holds (:meth:`in_range`, and the copy's own range: a scale that grew for
         rows since overwritten), or when out_scale would leave float32's normal range."""
         norm = norm_bounds(queries)
-        if not self.in_range(norm) or self.scale * 127 > SAFE_NORMS[1]:
-            return None
         row_norm, row_error = self.bounds()
+        if not self.in_range(norm, row_norm) or self.scale * 127 > SAFE_NORMS[1]:
+            return None
         scales = _int8_scales(np.abs(queries).max(axis=1))
         wide_scales = scales[:, None].astype(np.float64)
         steps = np.clip(np.rint(queries / wide_scales), -127, 127)  # int8 would wrap 128 to -128
