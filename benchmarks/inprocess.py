@@ -130,7 +130,7 @@ def bank_step_latency(bank: LocalBank, bank_name: str, features: Sequence[np.nda
     """Seconds per ``knn_update`` (FGC's fused search-then-update step) on the in-process bank.
     ``step_consistent``: each call tagged with the next training step, so each also closes the
     step before it (whose held update is applied then): the whole cost of the mode."""
-    steps = itertools.count(1)
+    steps = itertools.count(bank.info(bank_name)["closed_step"] + 2)  # after any step the bank has seen
 
     def call(i: int) -> None:
         step = next(steps) if step_consistent else None

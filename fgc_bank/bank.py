@@ -428,7 +428,9 @@ class MemoryBank:
             return None
         ids = np.concatenate([p[0] for p in pending])
         values = np.concatenate([p[1] for p in pending])
-        order = np.lexsort((*values.view(np.uint32).T[::-1], ids))  # by id, then the values' bits
+        order = np.argsort(ids, kind="stable")
+        if (np.diff(ids[order]) == 0).any():  # a row written twice: by its values' bits, not by arrival
+            order = np.lexsort((*values.view(np.uint32).T[::-1], ids))
         ids, values = ids[order], values[order]
         occurrence = np.arange(len(ids)) - np.searchsorted(ids, ids)  # 0 for a row's first write
         written = [self._apply_update(ids[occurrence == r], values[occurrence == r], "momentum")
