@@ -367,8 +367,9 @@ class MemoryBank:
             self._landed()
             return ids, rows
 
-    def execute(self, ops: Sequence[Op]) -> list[OpResult]:
-        """Apply ``ops`` in order, as if one at a time, with all their searches in one store search.
+    def execute(self, ops: Sequence[Op]) -> list[OpResult | BankError]:
+        """Apply ``ops`` in order, as if one at a time, with all their searches in one store search;
+        an op refused by the step rules (see the class) gets its BankError in its place.
 
         Each op must have passed :meth:`validate`. Searches are run together against the rows as
         they are before the first op, ``depth`` deep; an op that follows updates in the same batch
