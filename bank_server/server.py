@@ -195,6 +195,9 @@ class BankServer:
             except Exception as exc:
                 logger.exception("final snapshot failed")
                 self.shutdown_error = f"the final snapshot failed: {exc.__class__.__name__}: {exc}"
+        elif self.service.banks:
+            logger.warning("stopping without --snapshot-dir: the rows of %d bank(s) are thrown away",
+                           len(self.service.banks))
         self.close()
         logger.info("stopped")
 

@@ -133,11 +133,35 @@ def serve(host: str, port: int, endpoint: str | None, device: str, engine: str, 
                           max_queued_bytes=int(max_queued_mib * 2**20), max_unread_bytes=int(max_unread_mib * 2**20),
                           snapshot_dir=snapshot_dir, snapshot_every=snapshot_every, snapshot_keep=snapshot_keep,
                           skip_unloadable_snapshots=skip_unloadable_snapshots, curve_secret=curve_secret, curve_clients=curve_clients)
+    if address_file is not None and not address_file.parent.is_dir():
+        raise click.BadParameter(f"directory {address_file.parent} does not exist", param_hint="--address-file")
     try:
         server = BankServer(config)
     except BankError as exc:
         raise click.ClickException(exc.message) from None
     server.install_signal_handlers()
+    try:
+        _announce(server, metrics_port, host, address_file)
+    except OSError as exc:  # a busy metrics port, an address file that cannot be written
+        server.close()
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"fgc-bank serving on {server.address}", err=False)
+    sys.stdout.flush()
+    server.serve_forever()
+    if server.shutdown_error is not None:  # the banks' last state is not on disk: say so in the exit code
+        raise click.ClickException(server.shutdown_error)
+
+
+def _announce(server: Any, metrics_port: int | None, host: str, address_file: Path | None) -> None:
+    """Log the effective settings once, start the metrics endpoint, write the address file."""
+    from fgc_bank import __version__
+
+    cfg, placement = server.config, server.service.placement
+    logger.info("fgc-bank %s: device %s, engine %s, %d worker(s), limits: frame %d MiB, queued %d MiB, "
+                "unread replies %d MiB, bank %.1f GiB, all banks %.1f GiB; snapshots %s", __version__,
+                placement.device, placement.engine, cfg.workers, cfg.max_frame_bytes >> 20,
+                cfg.max_queued_bytes >> 20, cfg.max_unread_bytes >> 20, cfg.limits.max_bank_bytes / 2**30,
+                server.service.max_total_bytes / 2**30, cfg.snapshot_dir or "off (banks are lost at shutdown)")
     if metrics_port is not None:
         from bank_server.prometheus import serve_metrics
 
@@ -147,11 +171,6 @@ def serve(host: str, port: int, endpoint: str | None, device: str, engine: str, 
         tmp = address_file.with_suffix(address_file.suffix + ".tmp")
         tmp.write_text(server.address + "\n")
         os.replace(tmp, address_file)  # readers never see a half-written address
-    click.echo(f"fgc-bank serving on {server.address}", err=False)
-    sys.stdout.flush()
-    server.serve_forever()
-    if server.shutdown_error is not None:  # the banks' last state is not on disk: say so in the exit code
-        raise click.ClickException(server.shutdown_error)
 
 
 def _open(address: str, timeout: float, curve_secret: Path | None, curve_server: Path | None) -> Any:
@@ -159,6 +178,8 @@ def _open(address: str, timeout: float, curve_secret: Path | None, curve_server:
     from fgc_bank.errors import BankError
 
     curve = {"curve_secret": curve_secret, "curve_server": curve_server} if curve_secret or curve_server else {}
+    if "://" not in address:  # host:port, as users type it
+        address = f"tcp://{address}"
     try:
         return connect(address, timeout=timeout, **curve)
     except (BankError, TypeError) as exc:
@@ -300,11 +321,16 @@ def drop(address: str, name: str, timeout: float, curve_secret: Path | None, cur
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Where to write the key files.")
 @click.option("--name", default="server", help="Key pair name: NAME.key (public) and NAME.key_secret.")
-def keys(directory: Path, name: str) -> None:
+@click.option("--force", is_flag=True, help="Overwrite an existing key pair of that name.")
+def keys(directory: Path, name: str, force: bool) -> None:
     """Make a CURVE key pair. Give the server its .key_secret and each client's .key (in the
     --curve-clients directory); give each client its .key_secret and the server's .key."""
     from bank_server.auth import make_keys
 
+    existing = [p for p in (directory / f"{name}.key", directory / f"{name}.key_secret") if p.exists()]
+    if existing and not force:
+        raise click.ClickException(f"{existing[0]} exists; servers and clients may hold its keys. "
+                                   "Pass --force to replace the pair")
     public, secret = make_keys(directory, name)
     click.echo(f"public key: {public}\nsecret key: {secret} (keep it private)")
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -116,3 +118,50 @@ def test_both_commands_report_the_installed_version() -> None:
         result = CliRunner().invoke(command, ["--version"])
         assert result.exit_code == 0 and version("fgc-bank") in result.output, result.output
     assert fgc_bank.__version__ == version("fgc-bank")
+
+
+def test_info_takes_host_and_port_as_users_type_them(server: str) -> None:
+    result = CliRunner().invoke(main, ["info", server.removeprefix("tcp://")])
+    assert result.exit_code == 0 and result.output.startswith("server tcp://"), result.output
+
+
+def test_serve_setup_errors_are_one_line(tmp_path) -> None:
+    missing = CliRunner().invoke(main, ["serve", "--port", "0", "--address-file", str(tmp_path / "no" / "addr")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "fgc_bank.cli", "serve", "--port", "0", "--metrics-port",
+                               str(port)], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "Address already in use" in done.stderr.strip().splitlines()[-1]
+
+
+def test_serve_logs_its_settings_and_warns_when_banks_are_thrown_away(tmp_path) -> None:
+    address_file = tmp_path / "address"
+    proc = subprocess.Popen([sys.executable, "-m", "fgc_bank.cli", "--log-level", "info", "serve", "--port", "0",
+                             "--address-file", str(address_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 60 * TIME_FACTOR
+        while not (address_file.exists() and address_file.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with connect(address_file.read_text().strip()) as bank:
+            bank.create("lost", 10, 4)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30 * TIME_FACTOR)
+    assert err.count("engine faiss") == 1 and "unread replies 1024 MiB" in err, err
+    assert "the rows of 1 bank(s) are thrown away" in err
+
+
+def test_keys_never_overwrite_a_pair_without_force(tmp_path) -> None:
+    first = CliRunner().invoke(main, ["keys", "--dir", str(tmp_path), "--name", "server"])
+    assert first.exit_code == 0, first.output
+    public = (tmp_path / "server.key").read_bytes()
+    again = CliRunner().invoke(main, ["keys", "--dir", str(tmp_path), "--name", "server"])
+    assert again.exit_code == 1 and "--force" in again.output
+    assert (tmp_path / "server.key").read_bytes() == public
+    forced = CliRunner().invoke(main, ["keys", "--dir", str(tmp_path), "--name", "server", "--force"])
+    assert forced.exit_code == 0 and (tmp_path / "server.key").read_bytes() != public
