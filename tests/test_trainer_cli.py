@@ -189,3 +189,16 @@ def test_a_device_that_is_not_there_stops_before_training(tmp_path: Path, device
     result = invoke("--device", device, "--out-dir", str(tmp_path / "o"))
     assert_stopped_before_training(result, tmp_path / "o", phrase)
     assert "Traceback" not in result.output
+
+
+def test_a_file_that_is_not_a_checkpoint_gets_one_line(tmp_path: Path) -> None:
+    for name, content in (("text.pt", b"not a checkpoint at all"), ("pickle.pt", None)):
+        path = tmp_path / name
+        if content is None:
+            torch.save({"an": object()}, path)  # a real torch file that weights_only refuses
+        else:
+            path.write_bytes(content)
+        result = invoke("--resume", str(path), "--out-dir", str(tmp_path / "o"))
+        assert result.exit_code == 2, result.output
+        message = [line for line in result.output.splitlines() if line.strip()]
+        assert len(message) == 1 and "is it a checkpoint.pt written by fgc-train?" in message[0], result.output

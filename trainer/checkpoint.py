@@ -55,8 +55,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
-        raise TrainerError(f"cannot read checkpoint {path}: {exc}; is it an fgc-train "
-                           "checkpoint?") from exc
+        first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+        raise TrainerError(f"cannot read checkpoint {path} ({exc.__class__.__name__}: {first}); "
+                           "is it a checkpoint.pt written by fgc-train?") from exc
     if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
         found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
         raise TrainerError(f"{path} is not an fgc-train checkpoint of format {CHECKPOINT_FORMAT} "
