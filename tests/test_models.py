@@ -174,3 +174,14 @@ def test_bad_architecture_and_blocks_are_refused_with_the_choices() -> None:
     with pytest.raises(TrainerError, match=r"numbered 0\.\.8"):
         build_model("resnet20", 10, contrast_blocks=(9,))
     assert isinstance(build_model("resnet32", 10), GatedResNet)
+
+
+@pytest.mark.parametrize("arch, blocks", [("resnet20", (7, 8)), ("resnet32", (13, 14)), ("resnet18", (6, 7)),
+                                          ("resnet34", (14, 15))])
+def test_fgc_contrasts_each_architectures_last_two_blocks_by_default(arch: str, blocks: tuple[int, int]) -> None:
+    from trainer.config import TrainConfig
+
+    cfg = TrainConfig.from_dict({"model": {"arch": arch}, "run": {"phase": "fgc"}})
+    assert cfg.fgc.contrast_blocks == blocks
+    model = build_model(arch, 10, 3, cfg.fgc.contrast_blocks)
+    assert model.contrast_blocks == blocks and max(blocks) == len(model.blocks) - 1

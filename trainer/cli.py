@@ -127,7 +127,8 @@ def _opt(*decls: str, param: str, **kwargs: Any) -> Any:
 @_opt("--nn-epoch", param="nn_epoch", type=click.IntRange(min=0),
       help="Warm-up epochs at the start of FGC with self-only positives.")
 @_opt("--contrast-blocks", param="contrast_blocks", type=IntList(),
-      help="Indices (from 0) of the gated blocks to contrast.")
+      help="Indices (from 0) of the gated blocks to contrast; by default the architecture's last "
+           "two: resnet20 7,8 (as published), resnet32 13,14, resnet56 25,26, resnet18 6,7, resnet34 14,15.")
 @_opt("--temperature", param="temperature", type=click.FloatRange(min=0.0, min_open=True),
       help="T of the gate contrastive softmax.")
 @_opt("--bank-momentum", param="bank_momentum", type=click.FloatRange(0.0, 1.0, max_open=True),

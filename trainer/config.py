@@ -13,7 +13,7 @@ from typing import Any
 
 from trainer.errors import TrainerError
 from trainer.gates import GATE_HIDDEN, GATE_TAU
-from trainer.models import ARCHS
+from trainer.models import ARCHS, default_contrast_blocks
 
 PHASES = ("bas", "fgc")
 DATASETS = ("cifar10", "digits", "imagefolder", "synthetic")
@@ -64,7 +64,7 @@ class FGCConfig:
     kappa: float = 0.003  # weight of the gate contrastive loss
     nn_num: int = 200  # k: kNN positives per instance after warm-up
     nn_epoch: int = 20  # warm-up epochs (self-only positives) at the start of the FGC phase
-    contrast_blocks: tuple[int, ...] = (7, 8)
+    contrast_blocks: tuple[int, ...] = ()  # (): the architecture's last two gated blocks
     temperature: float = 0.07
     bank_momentum: float = 0.5
     negatives: int = 0  # 0: exact loss; M > 0: sampled-negatives APPROXIMATION with M rows
@@ -96,6 +96,9 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
+        if not self.fgc.contrast_blocks and self.model.arch in ARCHS:  # the architecture's own default
+            blocks = default_contrast_blocks(self.model.arch)
+            object.__setattr__(self, "fgc", dataclasses.replace(self.fgc, contrast_blocks=blocks))
         validate(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -148,8 +151,6 @@ def validate(cfg: TrainConfig) -> None:
     _check(0.0 <= cfg.fgc.bank_momentum < 1.0,
            f"bank momentum must be in [0, 1), got {cfg.fgc.bank_momentum}")
     _check(cfg.fgc.negatives >= 0, f"negatives must be >= 0, got {cfg.fgc.negatives}")
-    _check(cfg.run.phase != "fgc" or len(cfg.fgc.contrast_blocks) > 0,
-           "the fgc phase needs at least one contrasted block (--contrast-block)")
 
 
 def lr_at(epoch: int, base_lr: float, milestones: tuple[int, ...], gamma: float) -> float:

@@ -34,6 +34,13 @@ IMAGENET_LAYERS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
 ARCHS = tuple(CIFAR_DEPTHS) + tuple(IMAGENET_LAYERS)
 
 
+def default_contrast_blocks(arch: str) -> tuple[int, ...]:
+    """FGC contrasts the deepest gated blocks: the architecture's last two (ResNet-20: 7 and 8, as
+    published; ResNet-18: 6 and 7; ResNet-34: 14 and 15)."""
+    blocks = 3 * CIFAR_DEPTHS[arch] if arch in CIFAR_DEPTHS else sum(IMAGENET_LAYERS[arch])
+    return (blocks - 2, blocks - 1)
+
+
 @dataclass(frozen=True)
 class BlockTaps:
     """What FGC reads from one contrasted block."""
