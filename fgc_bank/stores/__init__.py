@@ -60,7 +60,7 @@ def resolve_engine(engine: str, device: torch.device) -> str:
         raise BankError(ErrorCode.BAD_ARGUMENT, "engine 'faiss' searches host memory; a bank on "
                         f"{device} is searched by engine 'torch'")
     if engine == "faiss" and not importlib.util.find_spec("faiss"):
-        raise BankError(ErrorCode.BAD_ARGUMENT, "engine 'faiss' needs FAISS: pip install 'fgc-bank[cpu]'")
+        raise BankError(ErrorCode.BAD_ARGUMENT, "engine 'faiss' needs FAISS: pip install faiss-cpu")
     return engine
 
 
