@@ -126,3 +126,16 @@ def test_checks_compare_the_right_contenders() -> None:
                                             server_knn_p50_ms=11.4, wire_p50_ms=1.1)
     found = {c.what: (c.value, c.verdict) for c in report.checks([result])}
     assert found["server, 1 client: server p50 / client p50"] == (pytest.approx(11.4 / 12.5), "met")
+
+
+def test_the_paired_search_ab_compares_two_trees(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tree against itself: both processes run, pair up, and the ratio is about 1."""
+    from benchmarks import ab_search
+
+    tree = str(Path(ab_search.__file__).resolve().parent.parent)
+    monkeypatch.setattr("sys.argv", ["ab_search", "--old-tree", tree, "--rows", "3000", "--dim", "16", "--k", "10",
+                                     "--requests", "3", "--pairs", "4"])
+    ab_search.main()
+    line = capsys.readouterr().out.strip()
+    median = float(line.split("median ")[1].split(",")[0])
+    assert "(4 pairs)" in line and 0.2 < median < 5.0, line
