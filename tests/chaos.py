@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import TIME_FACTOR, start_server, stop_server
+from conftest import TIME_FACTOR, start_server, stop_server, unused_port
 
 from fgc_bank import connect
 
@@ -55,8 +55,8 @@ class Server:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.proc, self.address = start_server(workdir, "--snapshot-dir", str(workdir / "snaps"))
-        self.port = self.address.rsplit(":", 1)[1]
+        self.port = str(unused_port())  # restarted on it: outside the ephemeral range (see unused_port)
+        self.proc, self.address = start_server(workdir, "--snapshot-dir", str(workdir / "snaps"), "--port", self.port)
 
     def restart(self) -> None:
         stop_server(self.proc)

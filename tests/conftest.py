@@ -46,9 +46,16 @@ def momentum_oracle(rows: np.ndarray, ids: np.ndarray, values: np.ndarray, m: fl
 
 
 def unused_port() -> int:
-    """A loopback TCP port nothing listens on (bound once, then released)."""
+    """A loopback TCP port nothing listens on (bound once, then released), below the kernel's
+    ephemeral range: a client that keeps connecting to a port inside that range until a server
+    comes up can end up connected to itself (TCP simultaneous open), and the server's bind then
+    fails with EADDRINUSE."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
     with zmq.Context.instance().socket(zmq.ROUTER) as placeholder:
-        return placeholder.bind_to_random_port("tcp://127.0.0.1")
+        return placeholder.bind_to_random_port("tcp://127.0.0.1", min_port=max(1024, low - 12000), max_port=low - 1)
 
 
 def start_server(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, str]:

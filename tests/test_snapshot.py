@@ -21,7 +21,7 @@ from unittest.mock import ANY
 import numpy as np
 import pytest
 import zmq
-from conftest import TIME_FACTOR, start_server, stop_server
+from conftest import TIME_FACTOR, start_server, stop_server, unused_port
 
 from bank_server import snapshot as snapshots
 from bank_server.server import BankServer, ServerConfig
@@ -129,8 +129,8 @@ def test_kill_9_then_restart_loses_nothing_acknowledged_before_the_last_snapshot
     banks are exactly the last snapshot plus what came after: checked row by row against an
     in-process mirror that applied the same acknowledged steps."""
     snap_dir = tmp_path / "snaps"
-    proc, address = start_server(tmp_path, "--snapshot-dir", str(snap_dir))
-    port = address.rsplit(":", 1)[1]
+    port = str(unused_port())  # restarted on it: outside the ephemeral range (see unused_port)
+    proc, address = start_server(tmp_path, "--snapshot-dir", str(snap_dir), "--port", port)
     rng = np.random.default_rng(0)
     steps = [(rng.choice(4000, 128, replace=False), rng.standard_normal((128, 32)).astype(np.float32))
              for _ in range(16)]
