@@ -231,8 +231,8 @@ def markdown(run: dict[str, Any], chart_name: str) -> str:
     """The results page: how it was made, on what, the numbers, the targets, the chart."""
     m, peak, results = run["machine"], run["peak"], run["results"]
     out = ["# fgc-bank kNN benchmark results", "",
-           "Produced by the command below; `benchmarks/README.md` explains the contenders and what",
-           "the profiling found. Each figure is the median of repeated measurements after warm-up;",
+           "Produced by the command below; `benchmarks/README.md` explains the contenders and how",
+           "to read the figures, `docs/perf-notes.md` what the profiling found. Each figure is the median of repeated measurements after warm-up;",
            "`spread` is (max - min) / median.", "",
            f"    {run['command']}", "",
            f"- machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {m['os']}",

@@ -2,7 +2,7 @@
 
 ``search._plan`` chooses between the heap and the threshold strategy, and the threshold's sample
 size, by these numbers. They were measured once on the machine the CPU targets were met on (a
-2-core AMD EPYC VM; see benchmarks/README.md); they only steer choices, never answers: every
+2-core AMD EPYC VM; see docs/perf-notes.md); they only steer choices, never answers: every
 strategy gives the exact top-k, so a machine where they are off is slower, not wrong.
 """
 

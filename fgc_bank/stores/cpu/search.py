@@ -5,7 +5,7 @@ same answer as a float32 brute force (up to the order of equal scores) and is bu
 calls only: ``torch.mm`` for the scores, FAISS heaps, FAISS pairwise products or numpy for the
 selection.
 
-Why not just ``faiss.knn`` (``benchmarks/README.md`` has the measurements; 2-core EPYC, FAISS 1.15):
+Why not just ``faiss.knn`` (``docs/perf-notes.md`` has the measurements; 2-core EPYC, FAISS 1.15):
 
 - FAISS uses BLAS only when ``nq * d >= faiss.cvar.distance_compute_blas_threshold`` (128000).
   256 queries at d = 64 or 128 fall below it, so FAISS scans the whole bank once per query with a
