@@ -134,8 +134,16 @@ class BankClient(BankHandle):
                 future.set_exception(exc)
                 return future
             self._outbox.append(item)
-            self._wake_tx.send(b"", zmq.NOBLOCK)
+            self._wake()
         return future
+
+    def _wake(self) -> None:
+        """Tell the I/O thread to look again (under ``_lock``). A full wake-up pipe means it has
+        unread wake-ups already: it will look, so this one is not needed (and never blocks)."""
+        try:
+            self._wake_tx.send(b"", NOBLOCK)
+        except zmq.Again:
+            pass
 
     def _call(self, request: Request, decode: Callable[[Reply], T]) -> T:
         """A blocking call: on this thread when the socket is free and nothing waits to be sent
@@ -212,7 +220,7 @@ class BankClient(BankHandle):
             if self._closed:
                 return
             self._closed = True
-            self._wake_tx.send(b"", zmq.NOBLOCK)
+            self._wake()
         self._thread.join()
 
     def _new_socket(self) -> zmq.Socket:

@@ -224,3 +224,12 @@ def test_a_blocking_call_that_timed_out_cannot_send_rows_written_after_it() -> N
         rows[:] = -1.0
         request = _receive_one(port, version=1)
         assert np.array_equal(request.arrays["rows"], _rows_sent_without_a_copy())
+
+
+def test_a_burst_of_async_calls_never_raises_at_the_call() -> None:
+    """More calls than the I/O thread's wake-up pipe holds, faster than it drains them: a call
+    that finds the pipe full is still queued (the thread has wake-ups to read), never refused."""
+    with BankClient(f"tcp://127.0.0.1:{unused_port()}", timeout=30, max_in_flight=5000) as bank:
+        futures = [bank.knn_async("x", np.ones((1, 4), np.float32), 1) for _ in range(5000)]
+        assert not any(f.done() and f.exception() is not None for f in futures)
+    assert all(isinstance(f.exception(), BankUnavailable) for f in futures)  # closed before any reply
