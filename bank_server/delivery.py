@@ -46,7 +46,8 @@ class Delivery:
     def admit(self, peer: Any, frames: list[Any]) -> list[Any] | None:
         """``frames`` with their large buffers tracked, or None when sending them would take the
         peer or the server past its budget (the reply is then dropped)."""
-        size = sum(memoryview(f).nbytes for f in frames if memoryview(f).nbytes >= ZERO_COPY_BYTES)
+        sizes = [memoryview(f).nbytes for f in frames]
+        size = sum(n for n in sizes if n >= ZERO_COPY_BYTES)
         if not size:
             return frames
         key = bytes(peer)
@@ -56,7 +57,7 @@ class Delivery:
                 return None
             self._held[key] = self._held.get(key, 0) + size
             self._total += size
-        return [self._track(key, f) if memoryview(f).nbytes >= ZERO_COPY_BYTES else f for f in frames]
+        return [self._track(key, f) if n >= ZERO_COPY_BYTES else f for f, n in zip(frames, sizes)]
 
     def _track(self, key: bytes, frame: Any) -> np.ndarray:
         view = np.frombuffer(frame, dtype=np.uint8)  # a new object that only ZeroMQ will hold

@@ -246,8 +246,16 @@ class BankServer:
             pass
 
     def _handle(self, peer: Any, frames: list[Any]) -> None:
-        """Decode one request and answer it inline, or queue it for the admin thread or a worker."""
+        """Decode one request and dispatch it; a request refused after decoding is answered
+        under its op (metrics count it there) and id."""
         request = decode_request(frames, self.config.max_frame_bytes)
+        try:
+            self._dispatch(peer, request)
+        except BankError as exc:  # busy, stale, reused: answered under the request's own op and id
+            self._send(peer, Reply(request.id, error=exc), request.op)
+
+    def _dispatch(self, peer: Any, request: Request) -> None:
+        """Answer a decoded request inline, or queue it for the admin thread or a worker."""
         if request.op in INLINE_OPS:
             self._send(peer, self.service.handle(request), request.op)
             return

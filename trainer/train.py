@@ -212,7 +212,7 @@ class Trainer:
     def _bank_hook(self, ids: Tensor, plan: EpochPlan, pending: dict[int, concurrent.futures.Future[KnnResult]],
                    global_step: int | None = None) -> Callable[[int, Tensor], None]:
         """The forward's ``on_features``: send each contrasted block's features right away."""
-        ids_np = ids.cpu().numpy()  # host ids: no copy, no sync
+        ids_np = ids.cpu().numpy()  # the loader's host ids (fit passes them): no copy, no sync
         features_bank = self.banks.features  # type: ignore[union-attr]
 
         def on_features(block: int, features: Tensor) -> None:
