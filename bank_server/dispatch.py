@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fgc_bank.errors import BankError, ErrorCode
+from fgc_bank.errors import BankError, ErrorCode, quote
 from fgc_bank.protocol import Reply, Request
 from fgc_bank.service import BATCHABLE_OPS, BankService
 
@@ -154,19 +154,28 @@ class Dispatcher:
         for bank, bank_jobs in by_bank.items():
             replies: list[tuple[Job, Reply]] = []
             for group in _runs(bank_jobs):
-                if group[0].request.op in BATCHABLE_OPS:
-                    self.batches += 1
-                    self.coalesced += len(group)
-                    started = time.perf_counter()
-                    results = self.service.handle_batch(bank, [j.request for j in group])
-                    searched_s += time.perf_counter() - started
-                    answered.update(j.request.client for j in group if j.request.client)
-                else:
-                    results = [self.service.handle(group[0].request)]
+                try:
+                    if group[0].request.op in BATCHABLE_OPS:
+                        self.batches += 1
+                        self.coalesced += len(group)
+                        started = time.perf_counter()
+                        results = self.service.handle_batch(bank, [j.request for j in group])
+                        searched_s += time.perf_counter() - started
+                        answered.update(j.request.client for j in group if j.request.client)
+                    else:
+                        results = [self.service.handle(group[0].request)]
+                except Exception as exc:  # a bug: answer every request of the run, keep the worker
+                    logger.exception("internal error in a run of %d requests on %s", len(group), quote(bank))
+                    error = BankError(ErrorCode.INTERNAL, f"{exc.__class__.__name__} while handling the request")
+                    results = [Reply(j.request.id, error=error) for j in group]
                 replies.extend(zip(group, results))
-            respond(replies)
-            with self._bytes_lock:
-                self.queued_bytes -= sum(job.nbytes for job in bank_jobs)
+            try:
+                respond(replies)
+            except Exception:  # replies that cannot be sent are lost; the worker must live on
+                logger.exception("internal error sending %d replies", len(replies))
+            finally:
+                with self._bytes_lock:
+                    self.queued_bytes -= sum(job.nbytes for job in bank_jobs)
         return answered, searched_s
 
 

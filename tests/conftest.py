@@ -60,15 +60,20 @@ def unused_port() -> int:
 
 def start_server(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     """Start `fgc-bank serve` on a free loopback port and wait until it answers a hello."""
-    address_file = tmp_path / f"address-{time.monotonic_ns()}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fgc_bank.cli", "--log-level", "warning", "serve", "--port", "0",
-         "--address-file", str(address_file), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stamp = time.monotonic_ns()
+    address_file = tmp_path / f"address-{stamp}"
+    # Its output goes to a file, never to a pipe nobody reads: a full pipe would freeze the server.
+    log = tmp_path / f"server-{stamp}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fgc_bank.cli", "--log-level", "warning", "serve", "--port", "0",
+             "--address-file", str(address_file), *extra],
+            stdout=out, stderr=subprocess.STDOUT, text=True)
+    proc.log = log  # type: ignore[attr-defined]
     deadline = time.monotonic() + 60 * TIME_FACTOR
     while not address_file.exists():
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read()}")
+            raise RuntimeError(f"server exited with {proc.returncode}: {server_log(proc)}")
         if time.monotonic() > deadline:
             proc.kill()
             raise RuntimeError("server did not start in time")
@@ -79,6 +84,11 @@ def start_server(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     with connect(address, timeout=30 * TIME_FACTOR) as client:
         client.hello()
     return proc, address
+
+
+def server_log(proc: subprocess.Popen) -> str:
+    """What a server started by :func:`start_server` has written so far (stdout and stderr)."""
+    return proc.log.read_text()  # type: ignore[attr-defined]
 
 
 def stop_server(proc: subprocess.Popen) -> None:

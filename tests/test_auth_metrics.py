@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import TIME_FACTOR, start_server, stop_server
+from conftest import TIME_FACTOR, server_log, start_server, stop_server
 
 from fgc_bank import connect
 from fgc_bank.bank import BankConfig
@@ -76,8 +76,7 @@ def test_curve_options_are_checked_up_front(keys: Path) -> None:
 def test_prometheus_endpoint_reports_requests_and_banks(tmp_path: Path) -> None:
     proc, address = start_server(tmp_path, "--metrics-port", "0")
     try:
-        line = proc.stdout.readline() + proc.stdout.readline()
-        url = next(w for w in line.split() if w.startswith("http://"))
+        url = next(w for w in server_log(proc).split() if w.startswith("http://"))
         with connect(address) as bank:
             bank.create("feat/7", 1000, 8)
             for _ in range(3):

@@ -136,6 +136,7 @@ class Raw:
     """A DEALER that sends requests with the client and request ids it is told."""
 
     def __init__(self, address: str) -> None:
+        self.address = address
         self.socket = zmq.Context.instance().socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(address)
@@ -143,11 +144,22 @@ class Raw:
     def call(self, request: Request) -> Reply:
         self.socket.send_multipart(encode_request(request))
         if not self.socket.poll(30_000 * TIME_FACTOR):
-            raise AssertionError(f"no reply to {request.op} {request.id}")
+            raise AssertionError(f"no reply to {request.op} {request.id} of client {request.client}; "
+                                 f"the server says {server_counters(self.address)}")
         return decode_reply(self.socket.recv_multipart())
 
     def close(self) -> None:
         self.socket.close()
+
+
+def server_counters(address: str) -> dict:
+    """What the server counted (dropped requests and replies, queues), to tell why a reply is missing."""
+    try:
+        with connect(address, timeout=5 * TIME_FACTOR) as bank:
+            stats = bank.stats()
+    except Exception as exc:  # noqa: BLE001 - a diagnosis, never the test's verdict
+        return {"unreachable": repr(exc)}
+    return {k: v for k, v in stats.items() if k not in ("banks", "ops")}
 
 
 def version(address: str) -> int:

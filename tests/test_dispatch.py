@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import brute_force_knn
+from conftest import assert_same_knn, brute_force_knn
 
 from bank_server import dispatch
 from bank_server.dispatch import Dispatcher, Job
@@ -162,3 +162,47 @@ def test_a_request_that_joins_no_search_is_not_held(service: BankService,
         dispatcher.stop()
     assert reply.error is None
     np.testing.assert_array_equal(reply.arrays["rows"], service.bank("b").export()[:3])
+
+
+def test_a_bug_in_a_run_is_answered_and_the_worker_lives_on(service: BankService,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception escaping the service (a bug) answers its run with `internal`; the worker,
+    which alone serves its banks, keeps serving, and the queued bytes are given back."""
+    dispatcher, recorder = start(service, 0.0, monkeypatch)
+    real = service.handle_batch
+    monkeypatch.setattr(service, "handle_batch", lambda bank, requests: 1 / 0)
+    q = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
+    try:
+        dispatcher.submit(knn(1, 1, q))
+        broken = recorder.answers(1)[0]
+        monkeypatch.setattr(service, "handle_batch", real)
+        dispatcher.submit(knn(2, 1, q))
+        fixed = recorder.answers(2)[0]
+    finally:
+        dispatcher.stop()
+    assert broken.error is not None and broken.error.code.value == "internal"
+    assert "ZeroDivisionError" in broken.error.message
+    ref_scores, ref_ids = brute_force_knn(service.bank("b").export(), q, 5)
+    assert_same_knn(fixed.arrays["scores"], fixed.arrays["ids"], ref_scores, ref_ids)
+    assert dispatcher.queued_bytes == 0
+
+
+def test_a_failing_respond_does_not_end_the_worker(service: BankService) -> None:
+    calls: list[int] = []
+
+    def respond(replies: list[tuple[Job, Reply]]) -> None:
+        calls.append(replies[0][1].id)
+        if len(calls) == 1:
+            raise RuntimeError("the socket went away")
+
+    dispatcher = Dispatcher(service, respond, workers=1, coalesce_wait_s=0.0)
+    q = np.ones((2, 16), np.float32)
+    try:
+        deadline = time.monotonic() + LONG_S / 2
+        for rid in (1, 2):
+            dispatcher.submit(knn(rid, 1, q))
+            while len(calls) < rid and time.monotonic() < deadline:
+                time.sleep(0.01)
+    finally:
+        dispatcher.stop()
+    assert calls[-1] == 2 and dispatcher.queued_bytes == 0

@@ -21,7 +21,7 @@ from unittest.mock import ANY
 import numpy as np
 import pytest
 import zmq
-from conftest import TIME_FACTOR, start_server, stop_server, unused_port
+from conftest import TIME_FACTOR, server_log, start_server, stop_server, unused_port
 
 from bank_server import snapshot as snapshots
 from bank_server.server import BankServer, ServerConfig
@@ -455,7 +455,7 @@ def test_a_failed_final_snapshot_makes_serve_exit_non_zero(tmp_path: Path) -> No
     finally:
         stop_server(proc)
     assert proc.returncode == 1
-    assert "final snapshot failed" in proc.stderr.read()
+    assert "final snapshot failed" in server_log(proc)
 
 
 def test_scoped_snapshots_and_restores_leave_other_runs_alone(tmp_path: Path) -> None:
