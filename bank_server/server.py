@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -34,7 +35,7 @@ from bank_server.delivery import ZERO_COPY_BYTES, Delivery
 from bank_server.dispatch import Dispatcher, Job
 from bank_server.metrics import ServerMetrics
 from fgc_bank.bank import MemoryBank
-from fgc_bank.errors import BankError, ErrorCode
+from fgc_bank.errors import BankError, ErrorCode, quote
 from fgc_bank.frames import NOBLOCK, readable, recv_bounded, send_frames
 from fgc_bank.protocol import (
     MAX_ARRAYS,
@@ -48,6 +49,7 @@ from fgc_bank.protocol import (
     peek_request_id,
 )
 from fgc_bank.service import BankService, Limits
+from fgc_bank.shards import WHOLE, Shard
 from fgc_bank.stores import Placement
 
 logger = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ logger = logging.getLogger(__name__)
 INLINE_OPS = frozenset({"hello", "stats"})
 ADMIN_OPS = frozenset({"snapshot", "restore", "snapshots"})  # disk work: run on the admin thread
 RECEIVE_BATCH = 256  # messages the loop takes in before it lets replies have the ROUTER
+GROUP_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a snapshot group, as a sharded client names one
 MAX_ADMIN_JOBS = 8  # restore/snapshots requests waiting for the admin thread before 'busy'
 
 
@@ -81,6 +84,7 @@ class ServerConfig:
     skip_unloadable_snapshots: bool = False  # start even if the newest snapshot of a prefix fails to load
     curve_secret: Path | None = None  # the server's secret key file: enables CURVE
     curve_clients: Path | None = None  # directory of authorised clients' public key files
+    shard: Shard = WHOLE  # this server's share of every bank's ids
 
     @property
     def bind_address(self) -> str:
@@ -95,7 +99,7 @@ class BankServer:
 
     def __init__(self, config: ServerConfig, service: BankService | None = None) -> None:
         self.config = config
-        self.service = service or BankService(config.limits, Placement.resolve(config.engine, config.device))
+        self.service = service or BankService(config.limits, Placement.resolve(config.engine, config.device), config.shard)
         self.metrics = ServerMetrics()
         self.recent = RecentRequests()
         self.delivery = Delivery(config.max_unread_bytes, max(config.max_unread_bytes // 4, 1))
@@ -135,7 +139,7 @@ class BankServer:
         if config.snapshot_dir is not None:
             self.snapshotter = snapshots.Snapshotter(config.snapshot_dir, self.dispatcher.barrier, self._capture,
                                                      config.snapshot_every, config.snapshot_keep,
-                                                     self.service.placement)
+                                                     self.service.placement, self.service.shard)
             self.snapshotter.remember(startup)
 
     def _configure_router(self, config: ServerConfig) -> None:
@@ -354,7 +358,8 @@ class BankServer:
                                 "start it with --snapshot-dir DIR")
             elif request.op == "snapshot":
                 prefix, retain = _scope(request.args.get("prefix", "")), _retained(request.args.get("retain"))
-                self.snapshotter.submit(prefix, retain, lambda outcome: self._respond([(job, _answer(request.id, outcome))]))
+                self.snapshotter.submit(prefix, retain, lambda outcome: self._respond([(job, _answer(request.id, outcome))]),
+                                        _group(request.args.get("group")))
                 return
             else:
                 prefix = request.args.get("prefix")
@@ -373,8 +378,8 @@ class BankServer:
         return {"directory": str(self.config.snapshot_dir), "keep": self.config.snapshot_keep,
                 "snapshots": self.snapshotter.listing()}
 
-    def _capture(self, prefix: str = "", retain: str | None = None) -> snapshots.Capture:
-        return snapshots.capture(self.service.banks, self.recent.export(), prefix, retain)
+    def _capture(self, prefix: str = "", retain: str | None = None, group: str | None = None) -> snapshots.Capture:
+        return snapshots.capture(self.service.banks, self.recent.export(), prefix, retain, self.service.shard, group)
 
     def _restore_latest(self) -> snapshots.Startup | None:
         """At start: install the newest snapshot of every bank, or refuse to start (BankError
@@ -387,7 +392,8 @@ class BankServer:
         except OSError as exc:
             raise BankError(ErrorCode.SNAPSHOT_FAILED, f"cannot use --snapshot-dir {directory}: {exc}") from None
         skip = self.config.skip_unloadable_snapshots
-        startup = snapshots.load_latest(directory, keep_going=skip, placement=self.service.placement)
+        startup = snapshots.load_latest(directory, keep_going=skip, placement=self.service.placement,
+                                        shard=self.service.shard)
         if startup.failed and not skip:
             name, why = next(iter(startup.failed.items()))
             raise BankError(ErrorCode.SNAPSHOT_FAILED, f"cannot restore {name} from {directory} ({why}); fix it "
@@ -485,6 +491,13 @@ def _retained(retain: Any) -> str | None:
         return retain
     raise BankError(ErrorCode.BAD_ARGUMENT, f"retain must be '' or a snapshot name such as snapshot-00000001, "
                     f"got {str(retain)[:80]!r}")
+
+
+def _group(group: Any) -> str | None:
+    """A snapshot's ``group`` argument (the same on every shard of a snapshot of them all)."""
+    if group is None or (isinstance(group, str) and GROUP_RE.fullmatch(group)):
+        return group
+    raise BankError(ErrorCode.BAD_ARGUMENT, f"group must be 1 to 64 letters, digits, '-' or '_', got {quote(group)}")
 
 
 def _answer(rid: int, outcome: snapshots.Outcome) -> Reply:

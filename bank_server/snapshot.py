@@ -46,6 +46,7 @@ import torch
 
 from fgc_bank.bank import BankConfig, MemoryBank
 from fgc_bank.errors import BankError, ErrorCode, quote
+from fgc_bank.shards import WHOLE, Shard
 from fgc_bank.stores import Placement
 
 logger = logging.getLogger(__name__)
@@ -69,17 +70,20 @@ class SnapshotError(Exception):
 class Capture:
     """What a snapshot holds, copied out of the live banks at one consistent point."""
 
-    banks: list[tuple[BankConfig, dict[str, int], np.ndarray]]
+    banks: list[tuple[BankConfig, dict[str, int], np.ndarray, list[int]]]  # ..., the ids held [lo, hi)
     applied: Any  # the server's dedup table, JSON-able; carried as it is
     prefix: str = ""
     retain: str | None = None  # paired snapshots: the snapshot the caller's checkpoint names now
+    shard: Shard = WHOLE  # the server's shard: a snapshot is restored only on the same shard
+    group: str | None = None  # a snapshot of every shard at once: the same group on each
 
 
-def capture(banks: dict[str, MemoryBank], applied: Any, prefix: str = "", retain: str | None = None) -> Capture:
+def capture(banks: dict[str, MemoryBank], applied: Any, prefix: str = "", retain: str | None = None,
+            shard: Shard = WHOLE, group: str | None = None) -> Capture:
     """Copy rows and counters of the banks under ``prefix``; call it while the workers are paused."""
-    chosen = [(b.config, dict(b.counters), b.export()) for name, b in sorted(banks.items())
+    chosen = [(b.config, dict(b.counters), b.export(), b.info()["ids"]) for name, b in sorted(banks.items())
               if name.startswith(prefix)]
-    return Capture(chosen, applied, prefix, retain)
+    return Capture(chosen, applied, prefix, retain, shard, group)
 
 
 @dataclass(frozen=True)
@@ -92,10 +96,13 @@ class Summary:
     created: float
     retain: str | None
     banks: dict[str, dict[str, int]]  # name -> rows, dim, updates
+    shard: tuple[int, int] = (0, 1)
+    group: str | None = None
 
     def to_wire(self, now: float) -> dict[str, Any]:
         return {"name": self.name, "seq": self.seq, "prefix": self.prefix, "created": self.created,
-                "age_s": now - self.created, "retain": self.retain, "banks": self.banks}
+                "age_s": now - self.created, "retain": self.retain, "banks": self.banks,
+                "shard": list(self.shard), "group": self.group}
 
 
 @dataclass
@@ -162,13 +169,14 @@ def _write_rows(path: Path, rows: np.ndarray) -> None:
 def _fill(tmp: Path, data: Capture, seq: int) -> None:
     """Write the rows, the manifest and its checksum into ``tmp``."""
     entries = []
-    for i, (config, counters, rows) in enumerate(data.banks):
+    for i, (config, counters, rows, held) in enumerate(data.banks):
         name = f"bank-{i:03d}.npy"
         _write_rows(tmp / name, rows)
-        entries.append({"config": asdict(config), "counters": counters, "file": name,
+        entries.append({"config": asdict(config), "counters": counters, "file": name, "ids": held,
                         "shape": list(rows.shape), "sha256": _digest(rows)})
     manifest = {"format": FORMAT, "seq": seq, "created": time.time(), "prefix": data.prefix,
-                "retain": data.retain, "banks": entries, "applied_requests": data.applied}
+                "retain": data.retain, "shard": [data.shard.index, data.shard.count], "group": data.group,
+                "banks": entries, "applied_requests": data.applied}
     raw = json.dumps(manifest).encode()
     _write_file(tmp / MANIFEST, raw)
     _write_file(tmp / CHECKSUM, (hashlib.sha256(raw).hexdigest() + "\n").encode())
@@ -233,31 +241,39 @@ def summarize(path: Path, manifest: dict[str, Any]) -> Summary:
     try:
         banks = {e["config"]["name"]: {"rows": e["config"]["rows"], "dim": e["config"]["dim"],
                                        "updates": e["counters"].get("updates", 0)} for e in manifest["banks"]}
+        index, count = manifest.get("shard", [0, 1])
         return Summary(path.name, manifest["seq"], manifest["prefix"], float(manifest["created"]),
-                       manifest.get("retain"), banks)
+                       manifest.get("retain"), banks, (int(index), int(count)), manifest.get("group"))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise SnapshotError(f"{path.name}: malformed manifest ({exc.__class__.__name__}: {exc})") from None
 
 
-def _load_bank(path: Path, entry: dict[str, Any], placement: Placement | None) -> MemoryBank:
+def _load_bank(path: Path, entry: dict[str, Any], placement: Placement | None, shard: Shard) -> MemoryBank:
     config = BankConfig(**entry["config"])
+    lo, hi = entry.get("ids", [0, config.rows])
+    if shard.count > 1 and (lo, hi) != shard.range(config.rows):
+        raise SnapshotError(f"{path.name}: bank {config.name!r} holds ids [{lo}, {hi}), not those of shard {shard}")
     rows = np.load(path / entry["file"], allow_pickle=False)
-    if rows.dtype != np.float32 or list(rows.shape) != [config.rows, config.dim] or entry["shape"] != list(rows.shape):
+    if rows.dtype != np.float32 or list(rows.shape) != [hi - lo, config.dim] or entry["shape"] != list(rows.shape):
         raise SnapshotError(f"{path.name}: bank {config.name!r} rows have shape {rows.shape} {rows.dtype}")
     if _digest(rows) != entry["sha256"]:
         raise SnapshotError(f"{path.name}: bank {config.name!r} fails its sha256 checksum")
-    bank = MemoryBank(config, torch.from_numpy(np.ascontiguousarray(rows)), placement)
+    bank = MemoryBank(config, torch.from_numpy(np.ascontiguousarray(rows)), placement,
+                      None if shard.count == 1 else (lo, hi))
     bank.counters.update(entry["counters"])
     return bank
 
 
-def load(path: Path, placement: Placement | None = None) -> Loaded:
+def load(path: Path, placement: Placement | None = None, shard: Shard = WHOLE) -> Loaded:
     """Load and verify one snapshot in full, its banks held as ``placement`` says (the CPU store
-    by default); raise SnapshotError naming what is wrong."""
+    by default) for a server that is ``shard``; raise SnapshotError naming what is wrong."""
     manifest = read_manifest(path)
     summary = summarize(path, manifest)
+    if summary.shard != (shard.index, shard.count):
+        raise SnapshotError(f"{path.name}: a snapshot of shard {summary.shard[0]}/{summary.shard[1]}; "
+                            f"this server is shard {shard}")
     try:
-        banks = [_load_bank(path, entry, placement) for entry in manifest["banks"]]
+        banks = [_load_bank(path, entry, placement, shard) for entry in manifest["banks"]]
     except SnapshotError:
         raise
     except (OSError, ValueError, KeyError, TypeError, BankError) as exc:
@@ -268,9 +284,9 @@ def load(path: Path, placement: Placement | None = None) -> Loaded:
     return Loaded(summary, banks, manifest)
 
 
-def read(path: Path, placement: Placement | None = None) -> tuple[list[MemoryBank], dict[str, Any]]:
+def read(path: Path, placement: Placement | None = None, shard: Shard = WHOLE) -> tuple[list[MemoryBank], dict[str, Any]]:
     """:func:`load`, as (banks, manifest)."""
-    loaded = load(path, placement)
+    loaded = load(path, placement, shard)
     return loaded.banks, loaded.manifest
 
 
@@ -309,7 +325,8 @@ def update_unloadable(directory: Path, failed: dict[str, str], loaded: Iterable[
     return changed
 
 
-def load_latest(directory: Path, keep_going: bool = False, placement: Placement | None = None) -> Startup:
+def load_latest(directory: Path, keep_going: bool = False, placement: Placement | None = None,
+                shard: Shard = WHOLE) -> Startup:
     """The snapshots that restore the newest state of every bank: newest first, each snapshot not
     covered by a newer one already loaded is loaded and verified. A snapshot that fails is
     recorded; the scan then stops, unless ``keep_going`` (then an older snapshot of the same
@@ -320,7 +337,7 @@ def load_latest(directory: Path, keep_going: bool = False, placement: Placement 
         if any(covers(done.summary.prefix, _prefix_or_none(path)) for done in found.loaded):
             continue
         try:
-            found.loaded.append(load(path, placement))
+            found.loaded.append(load(path, placement, shard))
         except SnapshotError as exc:
             logger.warning("cannot load snapshot: %s", exc)
             found.failed[path.name] = str(exc)
@@ -369,17 +386,18 @@ class Snapshotter:
     Requests for the same (prefix, retain) that arrive while a snapshot is being taken or waits
     share the next one: each is captured after every request waiting for it arrived, so one
     write answers them all. ``pause(action)`` must run ``action`` while every bank worker is
-    paused (Dispatcher.barrier); ``take(prefix, retain)`` captures the banks under ``prefix``.
+    paused (Dispatcher.barrier); ``take(prefix, retain, group)`` captures the banks under ``prefix``.
     """
 
     def __init__(self, directory: Path, pause: Callable[[Callable[[], Any]], Any],
-                 take: Callable[[str, str | None], Capture], every: float = 0.0, keep: int = 3,
-                 placement: Placement | None = None) -> None:
+                 take: Callable[[str, str | None, str | None], Capture], every: float = 0.0, keep: int = 3,
+                 placement: Placement | None = None, shard: Shard = WHOLE) -> None:
         self.directory, self.every, self.keep, self.placement = directory, every, keep, placement
+        self.shard = shard
         self._pause, self._take = pause, take
         self._lock = threading.Lock()  # one writer or reader of the directory at a time
         self._cond = threading.Condition()
-        self._pending: collections.OrderedDict[tuple[str, str | None], list[Done]] = collections.OrderedDict()
+        self._pending: collections.OrderedDict[tuple[str, str | None, str | None], list[Done]] = collections.OrderedDict()
         self._waiters = 0
         self._stopping = False
         self._good: set[str] = set()  # written or verified in full by this process
@@ -398,25 +416,25 @@ class Snapshotter:
                 self._good.update(done.summary.name for done in startup.loaded)
                 self._bad.update(startup.failed)
 
-    def submit(self, prefix: str, retain: str | None, done: Done) -> None:
+    def submit(self, prefix: str, retain: str | None, done: Done, group: str | None = None) -> None:
         """Queue a snapshot request; ``done(outcome)`` is called once it is written or failed."""
         with self._cond:
             if self._stopping:
                 raise BankError(ErrorCode.BUSY, "the server is shutting down; its final snapshot follows")
-            key = (prefix, retain)
+            key = (prefix, retain, group)
             if self._waiters >= MAX_WAITERS or (key not in self._pending and len(self._pending) >= MAX_PENDING_SCOPES):
                 raise BankError(ErrorCode.BUSY, f"{self._waiters} snapshot requests are waiting; retry later")
             self._pending.setdefault(key, []).append(done)
             self._waiters += 1
             self._cond.notify()
 
-    def snapshot(self, prefix: str = "", retain: str | None = None) -> dict[str, Any]:
+    def snapshot(self, prefix: str = "", retain: str | None = None, group: str | None = None) -> dict[str, Any]:
         """Capture at a consistent point, write, prune; returns where and what was written.
         Raises BankError(SNAPSHOT_FAILED) when the write fails (the temporary files are gone)."""
         with self._lock:
             started = time.perf_counter()
             try:
-                data = self._pause(lambda: self._take(prefix, retain))
+                data = self._pause(lambda: self._take(prefix, retain, group))
                 paused = time.perf_counter() - started
                 path = write(self.directory, data)
             except Exception as exc:
@@ -429,12 +447,14 @@ class Snapshotter:
             return self.last  # type: ignore[return-value]
 
     def _written(self, path: Path, data: Capture, started: float, paused: float) -> None:
-        banks = {c.name: {"rows": c.rows, "dim": c.dim, "updates": n.get("updates", 0)} for c, n, _ in data.banks}
+        banks = {c.name: {"rows": c.rows, "dim": c.dim, "updates": n.get("updates", 0)} for c, n, _, _ in data.banks}
         self._good.add(path.name)
-        self._summaries[path.name] = Summary(path.name, seq_of(path), data.prefix, time.time(), data.retain, banks)
+        self._summaries[path.name] = Summary(path.name, seq_of(path), data.prefix, time.time(), data.retain, banks,
+                                             (data.shard.index, data.shard.count), data.group)
         self.written += 1
         self.last = {"name": path.name, "path": str(path), "prefix": data.prefix, "time": time.time(),
-                     "banks": banks, "paused_s": paused, "seconds": time.perf_counter() - started}
+                     "banks": banks, "paused_s": paused, "seconds": time.perf_counter() - started,
+                     "shard": [data.shard.index, data.shard.count], "group": data.group}
         logger.info("snapshot %s written (prefix %r, %d banks, %.2f s, workers paused %.3f s)", path.name,
                     data.prefix, len(data.banks), self.last["seconds"], paused)
 
@@ -471,7 +491,7 @@ class Snapshotter:
             raise BankError(ErrorCode.BAD_ARGUMENT, f"no snapshot named {quote(name)} in {self.directory}")
         with self._lock:
             try:
-                loaded = load(path, self.placement)
+                loaded = load(path, self.placement, self.shard)
             except SnapshotError as exc:
                 self._bad = update_unloadable(self.directory, {name: str(exc)})
                 raise BankError(ErrorCode.BAD_ARGUMENT, f"snapshot {name} does not verify: {exc}") from None
@@ -518,18 +538,18 @@ class Snapshotter:
                 if not self._pending and self._stopping:
                     return
                 if not self._pending:  # the periodic one is due
-                    self._pending[("", None)] = []
+                    self._pending[("", None, None)] = []
                     due = time.monotonic() + self.every
-                (prefix, retain), waiters = self._pending.popitem(last=False)
+                (prefix, retain, group), waiters = self._pending.popitem(last=False)
                 self._waiters -= len(waiters)
             self.coalesced += max(0, len(waiters) - 1)
-            outcome = self._attempt(prefix, retain)
+            outcome = self._attempt(prefix, retain, group)
             for done in waiters:
                 done(outcome)
 
-    def _attempt(self, prefix: str, retain: str | None) -> Outcome:
+    def _attempt(self, prefix: str, retain: str | None, group: str | None) -> Outcome:
         try:
-            return self.snapshot(prefix, retain)
+            return self.snapshot(prefix, retain, group)
         except BankError as exc:
             return exc
         except Exception as exc:  # a bug: logged, answered internal, the thread goes on

@@ -92,15 +92,34 @@ def _unit_mix(old: torch.Tensor, values: torch.Tensor, momentum: float) -> torch
     return unit
 
 
-def initial_rows(rows: int, dim: int, init: str = "uniform", seed: int = 0) -> torch.Tensor:
+def initial_rows(rows: int, dim: int, init: str = "uniform", seed: int = 0,
+                 part: tuple[int, int] | None = None) -> torch.Tensor:
     """A bank's first rows, from a seeded generator: ``uniform`` is FGC's U[-s, s] with
-    s = 1/sqrt(dim/3) (feature and gate banks alike); ``unit`` is random unit rows."""
+    s = 1/sqrt(dim/3) (feature and gate banks alike); ``unit`` is random unit rows (normal
+    directions, drawn from uniforms by Box-Muller).
+
+    ``part`` = (lo, hi): only rows [lo, hi), equal to those rows of the whole bank, so the shards
+    of a bank start as the bank would. Uniform draws are consumed one per value whatever the
+    batch size (normal ones are not), so the rows before ``lo`` are drawn in chunks and dropped.
+    """
+    lo, hi = (0, rows) if part is None else part
     gen = torch.Generator().manual_seed(seed)
     if init == "uniform":
         bound = 1.0 / math.sqrt(dim / 3.0)
-        return torch.rand(rows, dim, generator=gen).mul_(2 * bound).sub_(bound)
-    values = torch.randn(rows, dim, generator=gen)
+        return _uniform_rows(gen, lo, hi, dim).mul_(2 * bound).sub_(bound)
+    u = _uniform_rows(gen, lo, hi, 2 * dim)
+    radius = torch.log1p(-u[:, :dim]).mul_(-2.0).sqrt_()  # 1 - u is in (0, 1]: no log(0)
+    values = radius.mul_(torch.cos(u[:, dim:].mul_(2 * math.pi)))
     return values.div_(values.norm(dim=1, keepdim=True).clamp_min_(1e-12))
+
+
+def _uniform_rows(gen: torch.Generator, lo: int, hi: int, width: int) -> torch.Tensor:
+    """Rows [lo, hi) of the U[0, 1) stream ``gen`` draws ``width`` values a row from."""
+    chunk = max(1, (1 << 24) // width)
+    skip = torch.empty(min(chunk, lo), width) if lo else None
+    for start in range(0, lo, chunk):
+        torch.rand(min(chunk, lo - start), width, generator=gen, out=skip[:min(chunk, lo - start)])
+    return torch.rand(hi - lo, width, generator=gen)
 
 
 @dataclass(frozen=True)
@@ -115,8 +134,9 @@ class BankConfig:
     seed: int = 0
     dtype: str = "float32"
 
-    def validate(self, max_bytes: int, store: type[RowStore] | None = None) -> None:
-        """Reject configs a server must not build (in ``store``), before allocating anything."""
+    def validate(self, max_bytes: int, store: type[RowStore] | None = None, held: int | None = None) -> None:
+        """Reject configs a server must not build (in ``store``, holding ``held`` of the rows:
+        all by default), before allocating anything."""
         if not 1 <= self.rows <= 2**31 - 1:
             raise BankError(ErrorCode.BAD_ARGUMENT, f"rows must be in [1, 2^31), got {self.rows}")
         if not 1 <= self.dim <= 65536:
@@ -129,16 +149,16 @@ class BankConfig:
             raise BankError(ErrorCode.BAD_ARGUMENT, f"dtype {quote(self.dtype)} is not supported; use float32")
         if not 0 <= self.seed < 2**63:
             raise BankError(ErrorCode.BAD_ARGUMENT, f"seed must be in [0, 2^63), got {self.seed}")
-        size = self.nbytes(store)
+        size = self.nbytes(store, held)
         if size > max_bytes:
             raise BankError(ErrorCode.TOO_LARGE, f"bank {self.name!r} would take {size / 2**30:.2f} GiB "
-                            f"({self.rows} x {self.dim} {(store or Placement.resolve().store).layout()}); "
+                            f"({held or self.rows} x {self.dim} {(store or Placement.resolve().store).layout()}); "
                             f"this server's limit is {max_bytes / 2**30:.2f} GiB")
 
-    def nbytes(self, store: type[RowStore] | None = None) -> int:
-        """Memory the bank's rows take in ``store`` (the CPU store by default): float32, plus the
-        low-precision copy a store searches with."""
-        return (store or Placement.resolve().store).nbytes(self.rows, self.dim)
+    def nbytes(self, store: type[RowStore] | None = None, held: int | None = None) -> int:
+        """Memory the bank's rows (``held`` of them: all by default) take in ``store`` (the CPU
+        store by default): float32, plus the low-precision copy a store searches with."""
+        return (store or Placement.resolve().store).nbytes(held or self.rows, self.dim)
 
 
 def _check_values(values: np.ndarray, what: str, scored: bool) -> None:
@@ -222,13 +242,18 @@ class MemoryBank:
     """
 
     def __init__(self, config: BankConfig, rows: torch.Tensor | np.ndarray | None = None,
-                 placement: Placement | None = None) -> None:
+                 placement: Placement | None = None, part: tuple[int, int] | None = None) -> None:
         self.config = config
-        initial = initial_rows(config.rows, config.dim, config.init, config.seed) if rows is None \
-            else torch.as_tensor(rows)
-        if tuple(initial.shape) != (config.rows, config.dim) or initial.dtype != torch.float32:
-            raise BankError(ErrorCode.BANK_MISMATCH, f"rows of shape {tuple(initial.shape)} "
-                            f"do not fit bank {config.name!r} ({config.rows} x {config.dim} float32)")
+        self.first, end = (0, config.rows) if part is None else part  # the ids this bank holds: a shard's
+        if not 0 <= self.first < end <= config.rows:
+            raise BankError(ErrorCode.BAD_ARGUMENT, f"rows [{self.first}, {end}) are not a part of bank "
+                            f"{config.name!r} of {config.rows} rows")
+        self.size = end - self.first
+        initial = initial_rows(config.rows, config.dim, config.init, config.seed, (self.first, end)) \
+            if rows is None else torch.as_tensor(rows)
+        if tuple(initial.shape) != (self.size, config.dim) or initial.dtype != torch.float32:
+            raise BankError(ErrorCode.BANK_MISMATCH, f"rows of shape {tuple(initial.shape)} do not fit bank "
+                            f"{config.name!r} ({self.size} x {config.dim} float32{self._held_ids()})")
         if rows is not None:  # a restore's rows are checked like any written ones
             _check_values(initial.detach().cpu().numpy(), "rows", scored=True)
         self.store = (placement or Placement.resolve()).make(initial)
@@ -239,12 +264,25 @@ class MemoryBank:
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # (ids, features) of its requests
 
     def info(self) -> dict:
-        """Config, counters, and where the rows live and what searches them (``info``, ``stats``)."""
-        return {**asdict(self.config), **self.counters, "device": str(self.store.device),
-                "engine": self.store.engine}
+        """Config, counters, the ids held ([lo, hi): all of them but on a shard), and where the
+        rows live and what searches them (``info``, ``stats``)."""
+        return {**asdict(self.config), **self.counters, "ids": [self.first, self.first + self.size],
+                "device": str(self.store.device), "engine": self.store.engine}
+
+    @property
+    def partial(self) -> bool:
+        """Whether this bank holds only some of its ids (a shard of it)."""
+        return self.size != self.config.rows
+
+    def nbytes(self) -> int:
+        """Memory the rows held take in this bank's store."""
+        return type(self.store).nbytes(self.size, self.config.dim)
+
+    def _held_ids(self) -> str:
+        return f", ids {self.first}..{self.first + self.size - 1} of {self.config.rows}" if self.partial else ""
 
     def export(self) -> np.ndarray:
-        """(N, D) float32 host copy of the rows (snapshots), taken under the lock; an open
+        """(N, D) float32 host copy of the rows held (snapshots), taken under the lock; an open
         training step is closed first, so its updates are in it."""
         with self.lock:
             self._close_step()
@@ -286,6 +324,34 @@ class MemoryBank:
             bad = low if low < 0 else high
             raise BankError(ErrorCode.ID_OUT_OF_RANGE, f"{what} contains id {bad}; bank "
                             f"{self.config.name!r} has rows 0..{self.config.rows - 1}")
+
+    def _check_held(self, ids: np.ndarray, what: str) -> None:
+        """Ids written or read here must be held here (a shard holds a range of them)."""
+        self._check_ids(ids, what)
+        if self.partial and ids.size:
+            low, high = int(ids.min()), int(ids.max())
+            if low < self.first or high >= self.first + self.size:
+                raise BankError(ErrorCode.ID_OUT_OF_RANGE, f"{what} contains id {low if low < self.first else high}; "
+                                f"this shard of bank {self.config.name!r} holds ids {self.first}.."
+                                f"{self.first + self.size - 1} (send each id to the shard that holds it)")
+
+    def _local(self, ids: np.ndarray) -> np.ndarray:
+        """Held ids (global) -> row positions in the store."""
+        return ids - self.first if self.first else ids
+
+    def _held_part(self, ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Of a step's ids (global) and their values, those held here, as row positions."""
+        if not self.partial:
+            return ids, values
+        held = (ids >= self.first) & (ids < self.first + self.size)
+        return ids[held] - self.first, values[held]
+
+    def _local_exclude(self, exclude: np.ndarray) -> np.ndarray:
+        """Ids to exclude (global; -1: none) -> row positions, -2 where the id is not held here."""
+        if not self.partial:
+            return exclude
+        held = (exclude >= self.first) & (exclude < self.first + self.size)
+        return np.where(held, exclude - self.first, -2)
 
     def _check_rows(self, rows: np.ndarray, what: str, count: int | None, scored: bool = True) -> None:
         if rows.ndim != 2 or rows.shape[1] != self.config.dim:
@@ -329,7 +395,7 @@ class MemoryBank:
         elif isinstance(op, Update):
             if op.mode not in UPDATE_MODES:
                 raise BankError(ErrorCode.BAD_ARGUMENT, f"update mode must be one of {UPDATE_MODES}, got {quote(op.mode)}")
-            self._check_ids(op.ids, "ids")
+            self._check_held(op.ids, "ids")
             self._check_rows(op.values, "rows", op.ids.shape[0], scored=op.mode == "overwrite")
             self._check_distinct(op.ids)
         elif isinstance(op, SearchUpdate):
@@ -347,23 +413,25 @@ class MemoryBank:
 
     def gather(self, ids: np.ndarray) -> np.ndarray:
         """Rows ``ids`` (B,) -> (B, D) float32 copy."""
-        self._check_ids(ids, "ids")
+        self._check_held(ids, "ids")
         with self.lock:
             self._close_step()
-            rows = self._host(self.store.read(self._tensor(np.asarray(ids, np.int64))))
+            rows = self._host(self.store.read(self._tensor(self._local(np.asarray(ids, np.int64)))))
             self._landed()
             return rows
 
     def sample(self, m: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """``m`` distinct random ids (sorted) and their rows, reproducible from ``seed``."""
-        if not 1 <= m <= self.config.rows:
-            raise BankError(ErrorCode.BAD_ARGUMENT, f"m must be in [1, {self.config.rows}], got {m}")
+        """``m`` distinct random ids (sorted) and their rows, reproducible from ``seed``; a shard
+        draws among the ids it holds (a sharded client draws among all and gathers)."""
+        if not 1 <= m <= self.size:
+            raise BankError(ErrorCode.BAD_ARGUMENT, f"m must be in [1, {self.size}], got {m}")
         if not 0 <= seed < 2**63:
             raise BankError(ErrorCode.BAD_ARGUMENT, f"seed must be in [0, 2^63), got {seed}")
-        ids = np.sort(np.random.default_rng(seed).choice(self.config.rows, size=m, replace=False)).astype(np.int64)
+        local = np.sort(np.random.default_rng(seed).choice(self.size, size=m, replace=False)).astype(np.int64)
+        ids = local + self.first
         with self.lock:
             self._close_step()
-            rows = self._host(self.store.read(self._tensor(ids)))
+            rows = self._host(self.store.read(self._tensor(local)))
             self._landed()
             return ids, rows
 
@@ -390,7 +458,7 @@ class MemoryBank:
             depth = self._depth(searches, changes)
             queries = self._tensor(np.concatenate([self._queries(op) for op in searches])) if len(searches) > 1 \
                 else self._tensor(self._queries(searches[0]))
-            scores, ids = self.store.search(queries, depth)
+            scores, ids = self._search(queries, depth)
             self.counters["searches"] += len(searches)
             self.counters["queries"] += queries.shape[0]
             self.counters["coalesced_calls"] += 1
@@ -429,6 +497,8 @@ class MemoryBank:
             return None
         ids = np.concatenate([p[0] for p in pending])
         values = np.concatenate([p[1] for p in pending])
+        if not len(ids):  # a shard that holds none of the step's ids
+            return None
         order = np.argsort(ids, kind="stable")
         if (np.diff(ids[order]) == 0).any():  # a row written twice: by its values' bits, not by arrival
             order = np.lexsort((*values.view(np.uint32).T[::-1], ids))
@@ -445,8 +515,17 @@ class MemoryBank:
     def _depth(self, searches: list[Search | SearchUpdate], changes: int) -> int:
         base = max(op.k + (0 if isinstance(op, Search) and op.exclude is None else 1) for op in searches)
         if changes:  # room for the changed rows expected among each query's candidates
-            base += 8 + math.ceil(4 * base * changes / self.config.rows)
+            base += 8 + math.ceil(4 * base * changes / self.size)
         return min(base, self.config.rows)
+
+    def _search(self, queries: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The store's top-``depth``; a shard holding fewer rows pads with score -inf, id -1."""
+        scores, ids = self.store.search(queries, min(depth, self.size))
+        if depth > self.size:
+            pad = (0, depth - self.size)
+            scores = torch.nn.functional.pad(scores, pad, value=float("-inf"))
+            ids = torch.nn.functional.pad(ids, pad, value=-1)
+        return scores, ids
 
     def _replay(self, ops: Sequence[Op], plan: list[str | None], queries: torch.Tensor | None,
                 scores: torch.Tensor | None, ids: torch.Tensor | None) -> list[OpResult | BankError]:
@@ -470,19 +549,21 @@ class MemoryBank:
             if how in ("open", "close") and isinstance(op, SearchUpdate) and op.step is not None:
                 self._step = op.step
             if isinstance(op, Update):
-                changed.append(self._apply_update(op.ids, op.values, op.mode))
+                changed.append(self._apply_update(self._local(op.ids), op.values, op.mode))
                 results.append(OpResult(None, self.counters["updates"]))
                 continue
             rows = slice(offset, offset + self._queries(op).shape[0])
             offset = rows.stop
             exclude = op.ids if isinstance(op, SearchUpdate) else op.exclude
-            exclude = None if exclude is None else self._tensor(np.asarray(exclude, np.int64))
+            exclude = None if exclude is None else self._tensor(self._local_exclude(np.asarray(exclude, np.int64)))
             stale = torch.unique(torch.cat(changed)) if changed else None
             top_scores, top_ids = self._finish(queries[rows], scores[rows], ids[rows], op.k, exclude, stale)
+            if self.first:  # row positions -> the bank's ids (padding stays -1)
+                top_ids = torch.where(top_ids >= 0, top_ids + self.first, top_ids)
             if isinstance(op, SearchUpdate) and op.step is not None:
                 self._hold(op)
             elif isinstance(op, SearchUpdate):
-                changed.append(self._apply_update(op.ids, op.features, "momentum"))
+                changed.append(self._apply_update(*self._held_part(op.ids, op.features), "momentum"))
             version = self.counters["updates"]
             results.append(OpResult(KnnResult(self._host(top_scores), self._host(top_ids), version), version))
         self._landed()
@@ -491,7 +572,8 @@ class MemoryBank:
     def _hold(self, op: SearchUpdate) -> None:
         """Keep a tagged request's update for when its step closes (copies: the request's
         arrays are views of received frames)."""
-        self._pending.append((np.array(op.ids, np.int64), np.array(op.features, np.float32)))
+        ids, features = self._held_part(op.ids, op.features)
+        self._pending.append((np.array(ids, np.int64), np.array(features, np.float32)))
 
     def _open_or_closed(self) -> int:
         return self.counters["closed_step"] if self._step is None else self._step
@@ -512,7 +594,7 @@ class MemoryBank:
         if exclude is not None:
             keep &= ids != exclude[:, None]
         short = None
-        if ids.shape[1] < self.config.rows:  # too few unchanged candidates: the merge could miss one
+        if ids.shape[1] < self.size:  # too few unchanged candidates: the merge could miss one
             short = keep.sum(1) < k  # (B,)
         fresh = self.store.score(queries, stale)  # (B, S): current scores of the changed rows
         fresh_keep = torch.ones_like(fresh, dtype=torch.bool) if exclude is None else stale[None, :] != exclude[:, None]
@@ -526,7 +608,7 @@ class MemoryBank:
         return top_scores, top_ids
 
     def _search_one(self, query: torch.Tensor, k: int, exclude: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        scores, ids = self.store.search(query[None], min(k + 1, self.config.rows))
+        scores, ids = self._search(query[None], k + 1)
         keep = ids[0] != (-2 if exclude is None else exclude)
         return scores[0][keep][:k], ids[0][keep][:k]
 

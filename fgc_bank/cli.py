@@ -112,15 +112,24 @@ def main(log_level: str) -> None:
               help="With --curve-secret: directory of the public key files of the clients allowed in.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="Serve Prometheus metrics over HTTP on this port (bound to --host); 0 picks one.")
+@click.option("--shard", default=None, metavar="I/S",
+              help="Serve shard I of S of every bank: its contiguous share of the ids (ids on the wire "
+                   "stay global). Clients connect to all S servers at once (tcp://a,tcp://b,...).")
 def serve(host: str, port: int, endpoint: str | None, device: str, engine: str, workers: int, faiss_threads: int, coalesce_wait_ms: float,
           max_queue: int, max_batch: int, max_frame_mib: float, max_bank_gib: float, max_total_gib: float | None,
           max_queued_mib: float, max_unread_mib: float, address_file: Path | None,
           snapshot_dir: Path | None, snapshot_every: float, snapshot_keep: int, skip_unloadable_snapshots: bool,
-          curve_secret: Path | None, curve_clients: Path | None, metrics_port: int | None) -> None:
+          curve_secret: Path | None, curve_clients: Path | None, metrics_port: int | None, shard: str | None) -> None:
     """Serve memory banks over ZeroMQ until Ctrl-C or SIGTERM."""
     from bank_server.server import BankServer, ServerConfig
     from fgc_bank.errors import BankError
     from fgc_bank.service import Limits
+    from fgc_bank.shards import WHOLE, Shard
+
+    try:
+        part = WHOLE if shard is None else Shard.parse(shard)
+    except BankError as exc:
+        raise click.BadParameter(exc.message, param_hint="--shard") from None
 
     if (curve_secret is None) != (curve_clients is None):
         raise click.UsageError("--curve-secret and --curve-clients go together")
@@ -132,7 +141,8 @@ def serve(host: str, port: int, endpoint: str | None, device: str, engine: str, 
                           max_frame_bytes=int(max_frame_mib * 2**20), limits=limits,
                           max_queued_bytes=int(max_queued_mib * 2**20), max_unread_bytes=int(max_unread_mib * 2**20),
                           snapshot_dir=snapshot_dir, snapshot_every=snapshot_every, snapshot_keep=snapshot_keep,
-                          skip_unloadable_snapshots=skip_unloadable_snapshots, curve_secret=curve_secret, curve_clients=curve_clients)
+                          skip_unloadable_snapshots=skip_unloadable_snapshots, curve_secret=curve_secret,
+                          curve_clients=curve_clients, shard=part)
     if address_file is not None and not address_file.parent.is_dir():
         raise click.BadParameter(f"directory {address_file.parent} does not exist", param_hint="--address-file")
     try:
@@ -157,9 +167,9 @@ def _announce(server: Any, metrics_port: int | None, host: str, address_file: Pa
     from fgc_bank import __version__
 
     cfg, placement = server.config, server.service.placement
-    logger.info("fgc-bank %s: device %s, engine %s, %d worker(s), limits: frame %d MiB, queued %d MiB, "
+    logger.info("fgc-bank %s: shard %s, device %s, engine %s, %d worker(s), limits: frame %d MiB, queued %d MiB, "
                 "unread replies %d MiB, bank %.1f GiB, all banks %.1f GiB; snapshots %s", __version__,
-                placement.device, placement.engine, cfg.workers, cfg.max_frame_bytes >> 20,
+                cfg.shard, placement.device, placement.engine, cfg.workers, cfg.max_frame_bytes >> 20,
                 cfg.max_queued_bytes >> 20, cfg.max_unread_bytes >> 20, cfg.limits.max_bank_bytes / 2**30,
                 server.service.max_total_bytes / 2**30, cfg.snapshot_dir or "off (banks are lost at shutdown)")
     if metrics_port is not None:

@@ -18,6 +18,7 @@ from fgc_bank import __version__
 from fgc_bank.bank import BankConfig, MemoryBank, Op, OpResult, Search, SearchUpdate, Update
 from fgc_bank.errors import BankError, ErrorCode
 from fgc_bank.protocol import MAX_FRAME_BYTES, PROTOCOL_VERSION, Reply, Request
+from fgc_bank.shards import WHOLE, Shard
 from fgc_bank.stores import Placement
 
 logger = logging.getLogger(__name__)
@@ -54,10 +55,13 @@ class Limits:
 
 
 class BankService:
-    """Named banks and the operations on them."""
+    """Named banks and the operations on them; as shard I of S (``shard``), every bank holds only
+    the ids shard I owns (``fgc_bank.shards``), and ids on the wire stay the bank's."""
 
-    def __init__(self, limits: Limits = Limits(), placement: Placement | None = None) -> None:
+    def __init__(self, limits: Limits = Limits(), placement: Placement | None = None,
+                 shard: Shard = WHOLE) -> None:
         self.limits = limits
+        self.shard = shard
         self.placement = placement or Placement.resolve()
         self.max_total_bytes = limits.max_total_bytes or int(0.75 * device_memory(self.placement.device)) or 2**40
         self.banks: dict[str, MemoryBank] = {}
@@ -148,6 +152,7 @@ class BankService:
         op, args, rid = request.op, request.args, request.id
         if op == "hello":
             return Reply(rid, result={"protocol": PROTOCOL_VERSION, "version": __version__,
+                                      "shard": [self.shard.index, self.shard.count],
                                       "banks": {n: b.info() for n, b in list(self.banks.items())}})
         if op == "stats":
             return Reply(rid, result=self.stats())
@@ -186,7 +191,12 @@ class BankService:
                             momentum=float(args.get("momentum", 0.5)), init=args.get("init", "uniform"),
                             seed=args.get("seed", 0), dtype=args.get("dtype", "float32"))
         store = self.placement.store
-        config.validate(self.limits.max_bank_bytes, store)  # before anything: exist_ok checks arguments too
+        if isinstance(config.rows, int) and 0 < config.rows < self.shard.count:
+            raise BankError(ErrorCode.BAD_ARGUMENT, f"bank {config.name!r} of {config.rows} rows cannot be "
+                            f"split over {self.shard.count} shards: give it at least one row a shard")
+        part = self.shard.range(config.rows) if self.shard.count > 1 and isinstance(config.rows, int) else None
+        held = None if part is None else part[1] - part[0]
+        config.validate(self.limits.max_bank_bytes, store, held)  # before anything: exist_ok checks arguments too
         with self._lock:
             existing = self.banks.get(config.name)
             if existing is not None:
@@ -196,19 +206,19 @@ class BankService:
                 return existing.info()
             if len(self.banks) >= self.limits.max_banks:
                 raise BankError(ErrorCode.TOO_LARGE, f"this server holds at most {self.limits.max_banks} banks")
-            held = self.held_bytes()
-            if held + config.nbytes(store) > self.max_total_bytes:
-                raise BankError(ErrorCode.TOO_LARGE, f"bank {config.name!r} needs {config.nbytes(store) / 2**30:.2f} GiB "
-                                f"and the server's banks hold {held / 2**30:.2f} GiB of the "
+            used, need = self.held_bytes(), config.nbytes(store, held)
+            if used + need > self.max_total_bytes:
+                raise BankError(ErrorCode.TOO_LARGE, f"bank {config.name!r} needs {need / 2**30:.2f} GiB "
+                                f"and the server's banks hold {used / 2**30:.2f} GiB of the "
                                 f"{self.max_total_bytes / 2**30:.2f} GiB it allows for all banks")
-            self.banks[config.name] = bank = MemoryBank(config, placement=self.placement)
+            self.banks[config.name] = bank = MemoryBank(config, placement=self.placement, part=part)
         logger.info("created bank %r: %d x %d, momentum %.3g, init %s", config.name, config.rows,
                     config.dim, config.momentum, config.init)
         return bank.info()
 
     def held_bytes(self) -> int:
         """Memory all banks take."""
-        return sum(b.config.nbytes(type(b.store)) for b in list(self.banks.values()))
+        return sum(b.nbytes() for b in list(self.banks.values()))
 
     def replace_banks(self, banks: Sequence[MemoryBank], prefix: str = "") -> None:
         """Install banks built elsewhere (a restored snapshot) in place of the current ones whose

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import TIME_FACTOR, start_server
+from conftest import TIME_FACTOR, server_log, start_server
 
 from fgc_bank import connect
 from fgc_bank.cli import main
@@ -54,9 +54,9 @@ def test_serve_refuses_a_bad_bind_address() -> None:
 def test_serve_stops_cleanly_on_sigterm(tmp_path) -> None:
     proc, address = start_server(tmp_path)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30 * TIME_FACTOR)
-    assert proc.returncode == 0, err
-    assert f"fgc-bank serving on {address}" in out
+    proc.wait(timeout=30 * TIME_FACTOR)
+    assert proc.returncode == 0, server_log(proc)
+    assert f"fgc-bank serving on {address}" in server_log(proc)
 
 
 def test_module_entry_point_runs() -> None:

@@ -78,7 +78,7 @@ def test_corrupt_or_partial_snapshots_stop_the_scan_or_are_skipped_when_told(tmp
 def test_old_snapshots_are_pruned_to_keep(tmp_path: Path) -> None:
     banks = banks_with_updates()
     snapper = snapshots.Snapshotter(tmp_path, lambda action: action(),
-                                    lambda prefix, retain: snapshots.capture(banks, {}, prefix, retain), keep=2)
+                                    lambda prefix, retain, group: snapshots.capture(banks, {}, prefix, retain, group=group), keep=2)
     try:
         for _ in range(5):
             snapper.snapshot()
@@ -299,7 +299,7 @@ def test_concurrent_snapshot_requests_share_one_write(tmp_path: Path) -> None:
             release.wait(30)
         return action()
 
-    snapper = snapshots.Snapshotter(tmp_path, pause, lambda p, r: snapshots.capture(banks, {}, p, r), keep=50)
+    snapper = snapshots.Snapshotter(tmp_path, pause, lambda p, r, g: snapshots.capture(banks, {}, p, r, group=g), keep=50)
     answers: list[Any] = []
     try:
         snapper.submit("", None, answers.append)
@@ -320,7 +320,7 @@ def test_waiting_snapshot_requests_are_bounded_and_answered_busy_beyond(tmp_path
     """Item 9: distinct waiting snapshots are bounded (each is a write); beyond, busy."""
     release = threading.Event()
     snapper = snapshots.Snapshotter(tmp_path, lambda action: release.wait(30) and action(),
-                                    lambda p, r: snapshots.capture({}, {}, p, r), keep=50)
+                                    lambda p, r, g: snapshots.capture({}, {}, p, r, group=g), keep=50)
     answers: list[Any] = []
     try:
         for i in range(snapshots.MAX_PENDING_SCOPES + 1):  # the first is taken at once, then blocks
@@ -503,7 +503,7 @@ def test_pruning_keeps_the_snapshot_a_checkpoint_names_until_the_next_pairing(tm
     the one its checkpoint on disk names always survives, whatever else writes that prefix."""
     banks = banks_with_updates()
     snapper = snapshots.Snapshotter(tmp_path, lambda action: action(),
-                                    lambda p, r: snapshots.capture(banks, {}, p, r), keep=1)
+                                    lambda p, r, g: snapshots.capture(banks, {}, p, r, group=g), keep=1)
     try:
         s1 = snapper.snapshot("feat/", "")["name"]  # checkpoint 1 will name s1
         s2 = snapper.snapshot("feat/", s1)["name"]  # checkpoint 1 still on disk: s1 kept

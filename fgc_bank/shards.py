@@ -1,0 +1,79 @@
+"""One logical bank over several shards: which rows each shard owns, and the exact top-k merge.
+
+Shard I of S owns the contiguous ids ``split(N, S)[I]`` of every bank of N rows (as even as
+possible, the first ``N % S`` shards one row longer); ids on the wire stay global. A search runs on
+every shard and :func:`merge_topk` keeps the best k of their answers: each shard's top-k holds
+every row of its range that can be in the global top-k, so the merge is exact. The client
+(``fgc_bank.sharded``) and a server holding several devices (``fgc_bank.service``) share this code.
+No torch here: a client process stays light.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from fgc_bank.errors import BankError, ErrorCode
+
+_SPEC = re.compile(r"(\d{1,6})/(\d{1,6})")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count`` (0-based); ``Shard(0, 1)`` is a whole, unsharded bank."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.count, int) and isinstance(self.index, int) and 0 <= self.index < self.count <= 65536):
+            raise BankError(ErrorCode.BAD_ARGUMENT, f"shard {self.index}/{self.count}: need 0 <= I < S <= 65536")
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``"I/S"`` (as ``--shard`` takes it) -> Shard(I, S)."""
+        match = _SPEC.fullmatch(text.strip())
+        if match is None:
+            raise BankError(ErrorCode.BAD_ARGUMENT, f"shard {text[:40]!r} is not of the form I/S (for example 0/4)")
+        return cls(int(match.group(1)), int(match.group(2)))
+
+    def range(self, rows: int) -> tuple[int, int]:
+        """The ids [lo, hi) this shard owns in a bank of ``rows`` rows."""
+        return split(rows, self.count)[self.index]
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+WHOLE = Shard()  # an unsharded server: shard 0 of 1
+
+
+def split(rows: int, count: int) -> list[tuple[int, int]]:
+    """[lo, hi) of each of ``count`` shards of ``rows`` ids, contiguous and as even as possible."""
+    base, extra = divmod(rows, count)
+    bounds = [0]
+    for i in range(count):
+        bounds.append(bounds[-1] + base + (1 if i < extra else 0))
+    return list(itertools.pairwise(bounds))
+
+
+def owners(ids: np.ndarray, rows: int, count: int) -> np.ndarray:
+    """The shard owning each id (ids within [0, rows))."""
+    highs = np.array([hi for _, hi in split(rows, count)], np.int64)
+    return np.searchsorted(highs, ids, side="right")
+
+
+def merge_topk(scores: list[np.ndarray], ids: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The exact top-k of several shards' answers to the same B queries.
+
+    Each shard's (B, k_s) answer is sorted by descending score; padding (a shard with fewer rows
+    than k) is id -1 with score -inf and never wins while the bank has k rows to give. Equal
+    scores are ordered by id, lowest first, whichever shard holds them.
+    """
+    all_scores = np.concatenate(scores, axis=1)
+    all_ids = np.concatenate(ids, axis=1)
+    order = np.lexsort((all_ids, -all_scores.astype(np.float64)), axis=1)[:, :k]
+    return np.take_along_axis(all_scores, order, 1), np.take_along_axis(all_ids, order, 1)
