@@ -50,7 +50,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -65,9 +64,15 @@ from fgc_bank.errors import BankError, ErrorCode
 from fgc_bank.protocol import MAX_HEADER_BYTES, MAX_NAME_CHARS, OPS, PROTOCOL_VERSION
 
 try:  # under pytest, tests/ is on sys.path
-    from conftest import TIME_FACTOR, assert_same_knn, brute_force_knn, start_server
+    from conftest import TIME_FACTOR, assert_same_knn, brute_force_knn, server_log, start_server
 except ModuleNotFoundError:  # python -m tests.hostile
-    from tests.conftest import TIME_FACTOR, assert_same_knn, brute_force_knn, start_server
+    from tests.conftest import (
+        TIME_FACTOR,
+        assert_same_knn,
+        brute_force_knn,
+        server_log,
+        start_server,
+    )
 
 # -- the banks the harness sets up ---------------------------------------------------------------
 
@@ -694,18 +699,15 @@ def _arg_may_pass(t: Template, name: str, value: Any) -> bool:
 
 
 class ServerProcess:
-    """``fgc-bank serve`` started by ``conftest.start_server``, its output drained into a bounded
-    tail (an undrained stderr pipe fills up with tracebacks and then blocks the server)."""
+    """``fgc-bank serve`` started by ``conftest.start_server`` (its output goes to a log file)."""
 
     def __init__(self, tmp: Path, *extra: str) -> None:
         self.proc, self.address = start_server(tmp, *extra)
-        self.tail: collections.deque[str] = collections.deque(maxlen=300)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            threading.Thread(target=self._drain, args=(stream,), daemon=True).start()
 
-    def _drain(self, stream: Any) -> None:
-        for line in stream:
-            self.tail.append(line.rstrip("\n"))
+    @property
+    def tail(self) -> list[str]:
+        """The last lines the server wrote."""
+        return server_log(self.proc).splitlines()[-300:]
 
     @property
     def pid(self) -> int:
