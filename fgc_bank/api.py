@@ -195,11 +195,21 @@ class BankHandle(abc.ABC):
 
 
 def connect(address: str, timeout: float = DEFAULT_TIMEOUT_S, **options: Any) -> BankHandle:
-    """Open a bank handle: ``local://`` (in-process) or ``tcp://host:port`` / ``ipc://path``."""
+    """Open a bank handle: ``local://`` (in-process), ``tcp://host:port`` / ``ipc://path``, or the
+    shard servers of one bank, comma-separated (``tcp://a:5555,tcp://b:5555``: one handle over
+    all of them, see ``fgc_bank.sharded``)."""
     if address.startswith("local://"):
         from fgc_bank.local import LocalBank
 
         return LocalBank(timeout=timeout, **options)
+    if "," in address:
+        addresses = [a.strip() for a in address.split(",")]
+        bad = [a for a in addresses if not a.startswith(("tcp://", "ipc://", "inproc://"))]
+        if bad:
+            raise BankError(ErrorCode.BAD_ARGUMENT, f"shard address {bad[0]!r} must start with tcp:// or ipc://")
+        from fgc_bank.sharded import ShardedBank
+
+        return ShardedBank(addresses, timeout=timeout, **options)
     if address.startswith(("tcp://", "ipc://", "inproc://")):
         from fgc_bank.client import BankClient
 

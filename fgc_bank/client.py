@@ -60,6 +60,7 @@ class _Connection:
     socket: zmq.Socket
     monitor: zmq.Socket
     disconnected: bool = False  # lost and not back yet (the socket owner's)
+    label: str | None = None  # what errors from this endpoint are prefixed with (a shard's name)
 
 
 @dataclass
@@ -138,6 +139,10 @@ class BankClient(BankHandle):
                 poller.register(conn.monitor, zmq.POLLIN)
         self._thread = threading.Thread(target=self._run, name=f"fgc-bank-client {address}", daemon=True)
         self._thread.start()
+
+    def label(self, index: int, label: str) -> None:
+        """Prefix the errors of endpoint ``index`` with ``label`` (which shard failed a call)."""
+        self._conns[index].label = label
 
     @property
     def addresses(self) -> list[str]:
@@ -389,7 +394,7 @@ class BankClient(BankHandle):
 
     def _timed_out(self, item: _Pending) -> BankTimeout:
         bank = f" on bank {item.request.bank!r}" if item.request.bank else ""
-        return BankTimeout(f"no reply to {item.request.op}{bank} from {item.conn.address} within {self.timeout:g} s; "
+        return BankTimeout(f"no reply to {item.request.op}{bank} from {item.conn.label or item.conn.address} within {self.timeout:g} s; "
                            "is `fgc-bank serve` running there, and reachable?")
 
     def _connection_event(self, conn: _Connection, pending: dict[int, _Pending]) -> None:
@@ -450,8 +455,10 @@ def _decoded(item: _Pending, reply: Reply) -> Any:
     what its op promises."""
     try:
         return item.decode(reply.unwrap())
-    except BankError:
-        raise
+    except BankError as exc:
+        if item.conn.label is None:
+            raise
+        raise BankError.from_wire({"code": exc.code.value, "message": f"{item.conn.label}: {exc.message}"}) from None
     except Exception as exc:  # noqa: BLE001 - a reply that lacks what its op promises
         raise BankError(ErrorCode.BAD_MESSAGE, f"malformed {item.request.op} reply: {exc!r}") from None
 

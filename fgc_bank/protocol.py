@@ -85,7 +85,7 @@ OPS: dict[str, OpSpec] = {
     ),
     "gather": OpSpec(needs_bank=True, arrays={"ids": ("int64", 1)}),
     "sample": OpSpec(needs_bank=True, args={"m": int}, optional_args={"seed": int}),
-    "snapshot": OpSpec(needs_bank=False, optional_args={"prefix": str, "retain": str}),
+    "snapshot": OpSpec(needs_bank=False, optional_args={"prefix": str, "retain": str, "group": str}),
     "restore": OpSpec(needs_bank=False, args={"name": str}, optional_args={"prefix": str}),
     "snapshots": OpSpec(needs_bank=False),
 }
