@@ -3,6 +3,7 @@ processes on loopback, fed the same operations as a plain server, compared bit f
 
 from __future__ import annotations
 
+import itertools
 import signal
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def test_the_split_covers_every_id_once_and_owners_agree() -> None:
     for rows, count in [(10, 3), (1003, 3), (7, 7), (2**31 - 1, 5)]:
         parts = split(rows, count)
         assert parts[0][0] == 0 and parts[-1][1] == rows
-        assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(parts))
         assert max(hi - lo for lo, hi in parts) - min(hi - lo for lo, hi in parts) <= 1
     ids = np.arange(1003)
     np.testing.assert_array_equal(owners(ids, 1003, 3), np.repeat([0, 1, 2], [335, 334, 334]))
@@ -71,15 +72,15 @@ def test_three_shards_answer_exactly_as_one_server(servers) -> None:
             k = int(rng.integers(1, 300))
             exclude = np.where(rng.random(16) < 0.5, rng.integers(0, N, 16), -1)
             calls = [
-                lambda b: b.update("same", ids, values, mode="overwrite" if step % 4 == 0 else "momentum"),
-                lambda b: b.knn("same", queries, k),
-                lambda b: b.knn("same", queries, k, exclude=exclude),
-                lambda b: b.knn_update("same", ids[:16], queries, k),
-                lambda b: b.gather("same", ids[::-1]),
-                lambda b: b.sample("same", 40, seed=step),
+                ("update", (ids, values), {"mode": "overwrite" if step % 4 == 0 else "momentum"}),
+                ("knn", (queries, k), {}),
+                ("knn", (queries, k), {"exclude": exclude}),
+                ("knn_update", (ids[:16], queries, k), {}),
+                ("gather", (ids[::-1],), {}),
+                ("sample", (40,), {"seed": step}),
             ]
-            for call in calls:
-                _assert_same(call(one), call(sharded))
+            for op, args, kwargs in calls:
+                _assert_same(getattr(one, op)("same", *args, **kwargs), getattr(sharded, op)("same", *args, **kwargs))
             # several in flight at once: the servers coalesce them into one search
             futures = [[b.knn_update_async("same", ids[16 * j:16 * (j + 1)], values[16 * j:16 * (j + 1)], 20)
                         for j in range(4)] for b in (one, sharded)]
