@@ -165,7 +165,7 @@ def _announce(server: Any, metrics_port: int | None, host: str, address_file: Pa
     if metrics_port is not None:
         from bank_server.prometheus import serve_metrics
 
-        bound = serve_metrics(server.service.stats, metrics_port, host)
+        bound = serve_metrics(server.service.stats, metrics_port, host, placement)
         click.echo(f"fgc-bank metrics on http://{host}:{bound}/metrics")
     if address_file is not None:
         tmp = address_file.with_suffix(address_file.suffix + ".tmp")
