@@ -77,12 +77,12 @@ def bench(workloads: tuple[str, ...], quick: bool, max_rows: int | None, batch: 
     tick(f"peak {peak.gflops:.0f} GFLOP/s")
     results = [suite.run_workload(w, peak, settings, tick) for w in chosen]
     bar.close()
-    run = {"command": _command_line(click.get_current_context().params),
+    run = {"command": _command_line(click.get_current_context().params), "mode": {"quick": quick, "max_rows": cap},
            "machine": report.machine(), "peak": peak.__dict__, "settings": settings.__dict__,
            "elapsed_s": time.time() - started, "results": results,
            "checks": [c.__dict__ | {"verdict": c.verdict} for c in report.checks(results)]}
     (out_dir / "bench.json").write_text(json.dumps(run, indent=2, default=list) + "\n")
-    report.chart(results, out_dir / "bench.png")
+    report.chart(run, out_dir / "bench.png")
     (out_dir / "RESULTS.md").write_text(report.markdown(run, "bench.png"))
     click.echo(report.text_table(results, run["peak"]))
     click.echo(f"\nwrote {out_dir / 'bench.json'}, {out_dir / 'bench.png'}, {out_dir / 'RESULTS.md'}")

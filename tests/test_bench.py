@@ -139,3 +139,22 @@ def test_the_paired_search_ab_compares_two_trees(capsys: pytest.CaptureFixture[s
     line = capsys.readouterr().out.strip()
     median = float(line.split("median ")[1].split(",")[0])
     assert "(4 pairs)" in line and 0.2 < median < 5.0, line
+
+
+def test_the_chart_gives_every_series_its_own_colour_and_marker_and_says_how_the_run_was_made(tmp_path: Path) -> None:
+    """Drawn again from the committed run's bench.json (nothing measured)."""
+    recorded = Path(report.__file__).with_name("bench.json")
+    run = json.loads(recorded.read_text())
+    keys = report.series(run["results"])
+    assert len(keys) == 12 and keys[:3] == report.BASELINES  # the baselines form their own group
+    styles = report.series_styles([*keys, "server-8", "server-16"])  # and two series the table does not know
+    assert len({colour for colour, _ in styles.values()}) == len(styles) == 14
+    assert len({marker for _, marker in styles.values()}) == 14
+    title = report.chart_title(run)
+    assert "full run" in title and run["machine"]["cpu"] in title and "cifar N=50,000 k=200" in title
+    assert "--quick, banks capped at 9,000 rows" in report.chart_title({**run, "mode": {"quick": True, "max_rows": 9000}})
+    result = CliRunner().invoke(report.redraw, [str(recorded), "--chart", str(tmp_path / "c.png"),
+                                                "--page", str(tmp_path / "p.md")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![queries/s of each contender beside the compute bound](c.png)" in (tmp_path / "p.md").read_text()
