@@ -119,6 +119,13 @@ def run_all(device: str, workloads: list[str] | None = None, requests: int = 40,
     return results
 
 
+def missed(results: list[dict[str, Any]]) -> list[str]:
+    """One line per target (imagenet-512 only) the run missed; empty when all were met."""
+    return [f"missed target: imagenet-512: {key} = {r[key]:.4g}, goal >= {goal:g}"
+            for r in results if r["workload"] == "imagenet-512"
+            for key, goal in TARGETS.items() if r[key] < goal]
+
+
 SERIES = (("float32_mm_topk_qps", "paper: float32 torch.mm + topk", "#999999", "//"),
           ("torch_store_qps", "fgc-bank torch store, in process", "#1f77b4", ""),
           ("server_1_clients_qps", "fgc-bank server, 1 client", "#ff7f0e", ""),

@@ -10,14 +10,16 @@ first start to the last end.
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +30,8 @@ from benchmarks.workloads import Workload, make_queries, make_update_ids
 
 if TYPE_CHECKING:
     from typing import Self
+
+logger = logging.getLogger(__name__)
 
 SERVER_START_TIMEOUT_S = 120.0
 CLIENT_TIMEOUT_S = 600.0  # one imagenet-512 request takes seconds; coalesced ones longer
@@ -61,7 +65,12 @@ class Server:
         command = [sys.executable, "-m", "fgc_bank.cli", "--log-level", "warning", "serve", "--port", "0",
                    "--address-file", str(address_file), "--faiss-threads", str(threads),
                    "--workers", str(workers), "--device", device]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        # Its log lines are relayed through this process's logging (a thread keeps reading, so the
+        # pipe never fills): under `fgc-bank bench` they then print above the progress bar.
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self._relay = threading.Thread(target=_relay, args=(self.process.stderr,), daemon=True,
+                                       name="fgc-bank-serve-log")
+        self._relay.start()
         try:
             self.address = wait_for_address(self.process, address_file, command)
         except RuntimeError:
@@ -77,6 +86,9 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self._relay.join(timeout=5)  # its last lines (why it stopped, if it failed)
+        if not self._relay.is_alive() and self.process.stderr is not None:
+            self.process.stderr.close()
         self._dir.cleanup()
 
     def __enter__(self) -> Self:
@@ -84,6 +96,12 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _relay(lines: Iterable[str]) -> None:
+    """Log each line the server writes on stderr, until it closes the pipe."""
+    for line in lines:
+        logger.warning("fgc-bank serve: %s", line.rstrip())
 
 
 @dataclass(frozen=True)

@@ -175,7 +175,7 @@ def _announce(server: Any, metrics_port: int | None, host: str, address_file: Pa
     if metrics_port is not None:
         from bank_server.prometheus import serve_metrics
 
-        bound = serve_metrics(server.service.stats, metrics_port, host)
+        bound = serve_metrics(server.service.stats, metrics_port, host, placement)
         click.echo(f"fgc-bank metrics on http://{host}:{bound}/metrics")
     if address_file is not None:
         tmp = address_file.with_suffix(address_file.suffix + ".tmp")
@@ -222,13 +222,28 @@ def _call(address: str, timeout: float, curve_secret: Path | None, curve_server:
 @client_options
 @click.option("--json", "as_json", is_flag=True, help="Print the raw stats as JSON.")
 def info(address: str, timeout: float, curve_secret: Path | None, curve_server: Path | None, as_json: bool) -> None:
-    """Print the banks and counters of the server at ADDRESS (e.g. tcp://127.0.0.1:5555)."""
-    stats = _call(address, timeout, curve_secret, curve_server, "stats")
+    """Print the banks, counters and snapshot age of the server at ADDRESS (tcp://host:port,
+    ipc://path, or host:port)."""
+    from fgc_bank.errors import BankError
+
+    with _open(address, timeout, curve_secret, curve_server) as bank:
+        try:
+            stats = bank.stats()
+        except BankError as exc:
+            raise click.ClickException(exc.message) from None
+        listing = None
+        if stats.get("snapshot") is None and "snapshot_failures" in stats:
+            # Only a server that wrote no snapshot since it started needs the (slower) disk listing.
+            try:
+                listing = bank.snapshots()
+            except BankError as exc:  # the stats are still worth printing
+                listing = {"error": exc.message}
     if as_json:
         click.echo(json.dumps(stats, indent=2, sort_keys=True))
         return
     click.echo(f"server {stats.get('address', address)}  up {stats['uptime_s']:.0f} s  "
                f"queue {stats.get('queue_depth', 0)}")
+    click.echo(_snapshot_age_line(stats, listing))
     click.echo(f"{'bank':<20} {'rows':>10} {'dim':>5} {'momentum':>8} {'updates':>9} {'searches':>9} {'queries':>10}")
     for name, b in sorted(stats["banks"].items()):
         click.echo(f"{name:<20} {b['rows']:>10} {b['dim']:>5} {b['momentum']:>8.3g} {b['updates']:>9} "
@@ -239,6 +254,33 @@ def info(address: str, timeout: float, curve_secret: Path | None, curve_server: 
         click.echo(f"  {op:<12} {n:>9} requests{tail}")
     if stats.get("errors"):
         click.echo("  errors: " + ", ".join(f"{c} {n}" for c, n in sorted(stats["errors"].items())))
+
+
+def _snapshot_age_line(stats: dict[str, Any], listing: dict[str, Any] | None) -> str:
+    """How old the newest snapshot is: the last one this server wrote (``stats``), else the newest
+    on disk (``snapshots``, e.g. the one restored at start), and how many writes failed."""
+    if "snapshot_failures" not in stats:
+        return "snapshots off (started without --snapshot-dir)"
+    last = stats.get("snapshot")
+    on_disk = [s for s in (listing or {}).get("snapshots", []) if "age_s" in s]
+    if last is not None:
+        line = f"snapshot {last['name']} ({_scope_name(last['prefix'])}) written {_age(last['age_s'])} ago"
+    elif listing is not None and "error" in listing:
+        line = f"snapshot unknown: the snapshot directory cannot be listed: {listing['error']}"
+    elif on_disk:
+        line = (f"snapshot {on_disk[0]['name']} ({_scope_name(on_disk[0]['prefix'])}) on disk, "
+                f"{_age(on_disk[0]['age_s'])} old; none written since the server started")
+    else:
+        line = "snapshot none yet"
+    failure = stats.get("snapshot_last_failure")
+    if stats["snapshot_failures"] and failure is not None:
+        line += (f"; {stats['snapshot_failures']} failed, the last {_age(failure['age_s'])} ago: "
+                 f"{failure.get('error', '?')}")
+    return line
+
+
+def _scope_name(prefix: str) -> str:
+    return f"prefix {prefix!r}" if prefix else "every bank"
 
 
 @main.command()

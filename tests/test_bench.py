@@ -6,13 +6,15 @@ Timings are never asserted (the machine decides those); only that every figure i
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from benchmarks import inprocess, report
-from benchmarks.cli import bench
 from benchmarks.suite import MAX_PAIRS, MIN_PAIRS, WIRE_MIN_REQUESTS, pairing
 from benchmarks.timing import Latency, Stats
 from benchmarks.workloads import WORKLOADS, make_queries, make_update_ids
@@ -31,13 +33,24 @@ def test_pairing_fills_the_budget_with_short_blocks() -> None:
     assert (block, pairs) == (100, MAX_PAIRS)
 
 
-def test_quick_bench_writes_json_chart_and_page(tmp_path: Path) -> None:
+def test_quick_bench_writes_json_chart_and_page_and_fails_on_a_missed_target(tmp_path: Path) -> None:
+    """The real command in its own process (its own logging set-up and exit status), with a goal
+    no machine meets: every file is still written, the miss is named, the status is 1, and the
+    log lines printed while the bar is up each start a line of their own."""
     out = tmp_path / "results"
     args = ["--quick", "--workload", "cifar", "--max-rows", "9000", "--seconds", "0.05", "--reps", "2",
-            "--clients", "1", "--clients", "2", "--peak-size", "256", "--out", str(out), "--no-progress"]
-    result = CliRunner().invoke(bench, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    assert "compute bound" in result.output and "targets:" in result.output
+            "--clients", "1", "--clients", "2", "--peak-size", "256", "--out", str(out), "--bound-goal", "1e6"]
+    done = subprocess.run([sys.executable, "-m", "fgc_bank.cli", "--log-level", "info", "bench", *args],
+                          check=False, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "\nfgc-bank bench: missed target: cifar: server, 1 client / compute bound = " in done.stderr
+    assert "goal >= 1e+06" in done.stderr
+    assert "compute bound" in done.stdout and "targets:" in done.stdout and "(goal >= 1e+06)" in done.stdout
+    assert re.search(r"fgc-bank bench: +\d+%\|", done.stderr), done.stderr[-4000:]  # the bar was drawn
+    logged = [line for line in done.stderr.split("\n") if "created bank" in line]
+    assert logged, done.stderr[-4000:]
+    for line in logged:  # what follows the bar's last carriage return is the log line alone
+        assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO ", line.split("\r")[-1]), repr(line)
 
     run = json.loads((out / "bench.json").read_text())
     assert run["peak"]["gflops"] > 0
@@ -62,7 +75,7 @@ def test_quick_bench_writes_json_chart_and_page(tmp_path: Path) -> None:
     one_client = res["server"]["clients"]["1"]
     one = next(c for c in run["checks"] if c["what"] == "server, 1 client / search in process")
     assert one["value"] == pytest.approx(one_client["x_beside"]["median"])
-    assert "paired blocks" in result.output
+    assert "paired blocks" in done.stdout
     assert one_client["server_knn_p50_ms"] > 0
     assert ("wire_p50_ms" in one_client) == (one_client["knn_ms"]["n"] >= WIRE_MIN_REQUESTS)
     for latency in (res["bank"]["knn_update_ms"], res["server"]["knn_update_ms"]):
@@ -70,6 +83,9 @@ def test_quick_bench_writes_json_chart_and_page(tmp_path: Path) -> None:
     assert res["bank"]["update_rows_per_s"]["median"] > 0 and res["server"]["update_rows_per_s"]["median"] > 0
     assert {c["what"] for c in run["checks"]} >= {"server, 1 client / compute bound", "in-process bank / search in process"}
     assert all(c["verdict"] in {"met", "MISSED", "reported"} for c in run["checks"])
+    assert run["bound_goals"] == {"cifar": 1e6, "imagenet-128": 1e6, "imagenet-512": 1e6}
+    assert report.missed(run)[0] == next(line.removeprefix("fgc-bank bench: ") for line in done.stderr.split("\n")
+                                         if "missed target" in line)
 
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "RESULTS.md").read_text()
@@ -126,6 +142,19 @@ def test_checks_compare_the_right_contenders() -> None:
                                             server_knn_p50_ms=11.4, wire_p50_ms=1.1)
     found = {c.what: (c.value, c.verdict) for c in report.checks([result])}
     assert found["server, 1 client: server p50 / client p50"] == (pytest.approx(11.4 / 12.5), "met")
+    # What makes `fgc-bank bench` exit 1: exactly the missed targets, each named with value and goal.
+    run = {"checks": [c.__dict__ | {"verdict": c.verdict} for c in report.checks([result])]}
+    assert report.missed(run) == ["missed target: imagenet-128: server, 1 client / search in process = 0.880, goal >= 0.9"]
+    run = {"checks": [c.__dict__ | {"verdict": c.verdict} for c in report.checks([result], {"imagenet-128": 0.8})]}
+    assert report.missed(run)[0].startswith("missed target: imagenet-128: server, 1 client / compute bound = 0.760")
+
+
+def test_gpu_bench_names_its_missed_targets() -> None:
+    from benchmarks import gpu
+
+    met = {"workload": "imagenet-512", **{key: goal for key, goal in gpu.TARGETS.items()}}
+    assert gpu.missed([met, {"workload": "cifar", **dict.fromkeys(gpu.TARGETS, 0.0)}]) == []
+    assert gpu.missed([{**met, "update_rows_per_s": 9e6}]) == ["missed target: imagenet-512: update_rows_per_s = 9e+06, goal >= 1e+07"]
 
 
 def test_the_paired_search_ab_compares_two_trees(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -139,3 +168,22 @@ def test_the_paired_search_ab_compares_two_trees(capsys: pytest.CaptureFixture[s
     line = capsys.readouterr().out.strip()
     median = float(line.split("median ")[1].split(",")[0])
     assert "(4 pairs)" in line and 0.2 < median < 5.0, line
+
+
+def test_the_chart_gives_every_series_its_own_colour_and_marker_and_says_how_the_run_was_made(tmp_path: Path) -> None:
+    """Drawn again from the committed run's bench.json (nothing measured)."""
+    recorded = Path(report.__file__).with_name("bench.json")
+    run = json.loads(recorded.read_text())
+    keys = report.series(run["results"])
+    assert len(keys) == 12 and keys[:3] == report.BASELINES  # the baselines form their own group
+    styles = report.series_styles([*keys, "server-8", "server-16"])  # and two series the table does not know
+    assert len({colour for colour, _ in styles.values()}) == len(styles) == 14
+    assert len({marker for _, marker in styles.values()}) == 14
+    title = report.chart_title(run)
+    assert "full run" in title and run["machine"]["cpu"] in title and "cifar N=50,000 k=200" in title
+    assert "--quick, banks capped at 9,000 rows" in report.chart_title({**run, "mode": {"quick": True, "max_rows": 9000}})
+    result = CliRunner().invoke(report.redraw, [str(recorded), "--chart", str(tmp_path / "c.png"),
+                                                "--page", str(tmp_path / "p.md")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![queries/s of each contender beside the compute bound](c.png)" in (tmp_path / "p.md").read_text()
