@@ -37,6 +37,7 @@ from bank_server.metrics import ServerMetrics
 from fgc_bank.bank import MemoryBank
 from fgc_bank.errors import BankError, ErrorCode, quote
 from fgc_bank.frames import NOBLOCK, readable, recv_bounded, send_frames
+from fgc_bank.layout import Layout
 from fgc_bank.protocol import (
     MAX_ARRAYS,
     MAX_FRAME_BYTES,
@@ -50,7 +51,6 @@ from fgc_bank.protocol import (
 )
 from fgc_bank.service import BankService, Limits
 from fgc_bank.shards import WHOLE, Shard
-from fgc_bank.stores import Placement
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class BankServer:
 
     def __init__(self, config: ServerConfig, service: BankService | None = None) -> None:
         self.config = config
-        self.service = service or BankService(config.limits, Placement.resolve(config.engine, config.device), config.shard)
+        self.service = service or BankService(config.limits, Layout.resolve(config.engine, config.device, config.shard))
         self.metrics = ServerMetrics()
         self.recent = RecentRequests()
         self.delivery = Delivery(config.max_unread_bytes, max(config.max_unread_bytes // 4, 1))
@@ -139,7 +139,7 @@ class BankServer:
         if config.snapshot_dir is not None:
             self.snapshotter = snapshots.Snapshotter(config.snapshot_dir, self.dispatcher.barrier, self._capture,
                                                      config.snapshot_every, config.snapshot_keep,
-                                                     self.service.placement, self.service.shard)
+                                                     self.service.layout)
             self.snapshotter.remember(startup)
 
     def _configure_router(self, config: ServerConfig) -> None:
@@ -392,8 +392,7 @@ class BankServer:
         except OSError as exc:
             raise BankError(ErrorCode.SNAPSHOT_FAILED, f"cannot use --snapshot-dir {directory}: {exc}") from None
         skip = self.config.skip_unloadable_snapshots
-        startup = snapshots.load_latest(directory, keep_going=skip, placement=self.service.placement,
-                                        shard=self.service.shard)
+        startup = snapshots.load_latest(directory, keep_going=skip, layout=self.service.layout)
         if startup.failed and not skip:
             name, why = next(iter(startup.failed.items()))
             raise BankError(ErrorCode.SNAPSHOT_FAILED, f"cannot restore {name} from {directory} ({why}); fix it "

@@ -46,8 +46,8 @@ import torch
 
 from fgc_bank.bank import BankConfig, MemoryBank
 from fgc_bank.errors import BankError, ErrorCode, quote
+from fgc_bank.layout import Layout, SplitBank
 from fgc_bank.shards import WHOLE, Shard
-from fgc_bank.stores import Placement
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class Capture:
     group: str | None = None  # a snapshot of every shard at once: the same group on each
 
 
-def capture(banks: dict[str, MemoryBank], applied: Any, prefix: str = "", retain: str | None = None,
+def capture(banks: dict[str, MemoryBank | SplitBank], applied: Any, prefix: str = "", retain: str | None = None,
             shard: Shard = WHOLE, group: str | None = None) -> Capture:
     """Copy rows and counters of the banks under ``prefix``; call it while the workers are paused."""
     chosen = [(b.config, dict(b.counters), b.export(), b.info()["ids"]) for name, b in sorted(banks.items())
@@ -110,7 +110,7 @@ class Loaded:
     """A snapshot read and verified in full: its banks, ready to install."""
 
     summary: Summary
-    banks: list[MemoryBank]
+    banks: list[MemoryBank | SplitBank]
     manifest: dict[str, Any]
 
 
@@ -248,32 +248,33 @@ def summarize(path: Path, manifest: dict[str, Any]) -> Summary:
         raise SnapshotError(f"{path.name}: malformed manifest ({exc.__class__.__name__}: {exc})") from None
 
 
-def _load_bank(path: Path, entry: dict[str, Any], placement: Placement | None, shard: Shard) -> MemoryBank:
+def _load_bank(path: Path, entry: dict[str, Any], layout: Layout) -> MemoryBank | SplitBank:
     config = BankConfig(**entry["config"])
     lo, hi = entry.get("ids", [0, config.rows])
-    if shard.count > 1 and (lo, hi) != shard.range(config.rows):
-        raise SnapshotError(f"{path.name}: bank {config.name!r} holds ids [{lo}, {hi}), not those of shard {shard}")
+    if (lo, hi) != layout.held(config.rows):
+        raise SnapshotError(f"{path.name}: bank {config.name!r} holds ids [{lo}, {hi}), not those of shard {layout.shard}")
     rows = np.load(path / entry["file"], allow_pickle=False)
     if rows.dtype != np.float32 or list(rows.shape) != [hi - lo, config.dim] or entry["shape"] != list(rows.shape):
         raise SnapshotError(f"{path.name}: bank {config.name!r} rows have shape {rows.shape} {rows.dtype}")
     if _digest(rows) != entry["sha256"]:
         raise SnapshotError(f"{path.name}: bank {config.name!r} fails its sha256 checksum")
-    bank = MemoryBank(config, torch.from_numpy(np.ascontiguousarray(rows)), placement,
-                      None if shard.count == 1 else (lo, hi))
-    bank.counters.update(entry["counters"])
+    bank = layout.make(config, torch.from_numpy(np.ascontiguousarray(rows)))
+    bank.load_counters(entry["counters"])
     return bank
 
 
-def load(path: Path, placement: Placement | None = None, shard: Shard = WHOLE) -> Loaded:
-    """Load and verify one snapshot in full, its banks held as ``placement`` says (the CPU store
-    by default) for a server that is ``shard``; raise SnapshotError naming what is wrong."""
+def load(path: Path, layout: Layout | None = None) -> Loaded:
+    """Load and verify one snapshot in full, its banks held as ``layout`` says (the CPU store
+    by default, unsharded); raise SnapshotError naming what is wrong."""
+    layout = layout or Layout()
+    shard = layout.shard
     manifest = read_manifest(path)
     summary = summarize(path, manifest)
     if summary.shard != (shard.index, shard.count):
         raise SnapshotError(f"{path.name}: a snapshot of shard {summary.shard[0]}/{summary.shard[1]}; "
                             f"this server is shard {shard}")
     try:
-        banks = [_load_bank(path, entry, placement, shard) for entry in manifest["banks"]]
+        banks = [_load_bank(path, entry, layout) for entry in manifest["banks"]]
     except SnapshotError:
         raise
     except (OSError, ValueError, KeyError, TypeError, BankError) as exc:
@@ -284,9 +285,9 @@ def load(path: Path, placement: Placement | None = None, shard: Shard = WHOLE) -
     return Loaded(summary, banks, manifest)
 
 
-def read(path: Path, placement: Placement | None = None, shard: Shard = WHOLE) -> tuple[list[MemoryBank], dict[str, Any]]:
+def read(path: Path, layout: Layout | None = None) -> tuple[list[MemoryBank | SplitBank], dict[str, Any]]:
     """:func:`load`, as (banks, manifest)."""
-    loaded = load(path, placement, shard)
+    loaded = load(path, layout)
     return loaded.banks, loaded.manifest
 
 
@@ -325,8 +326,7 @@ def update_unloadable(directory: Path, failed: dict[str, str], loaded: Iterable[
     return changed
 
 
-def load_latest(directory: Path, keep_going: bool = False, placement: Placement | None = None,
-                shard: Shard = WHOLE) -> Startup:
+def load_latest(directory: Path, keep_going: bool = False, layout: Layout | None = None) -> Startup:
     """The snapshots that restore the newest state of every bank: newest first, each snapshot not
     covered by a newer one already loaded is loaded and verified. A snapshot that fails is
     recorded; the scan then stops, unless ``keep_going`` (then an older snapshot of the same
@@ -337,7 +337,7 @@ def load_latest(directory: Path, keep_going: bool = False, placement: Placement 
         if any(covers(done.summary.prefix, _prefix_or_none(path)) for done in found.loaded):
             continue
         try:
-            found.loaded.append(load(path, placement, shard))
+            found.loaded.append(load(path, layout))
         except SnapshotError as exc:
             logger.warning("cannot load snapshot: %s", exc)
             found.failed[path.name] = str(exc)
@@ -391,9 +391,8 @@ class Snapshotter:
 
     def __init__(self, directory: Path, pause: Callable[[Callable[[], Any]], Any],
                  take: Callable[[str, str | None, str | None], Capture], every: float = 0.0, keep: int = 3,
-                 placement: Placement | None = None, shard: Shard = WHOLE) -> None:
-        self.directory, self.every, self.keep, self.placement = directory, every, keep, placement
-        self.shard = shard
+                 layout: Layout | None = None) -> None:
+        self.directory, self.every, self.keep, self.layout = directory, every, keep, layout
         self._pause, self._take = pause, take
         self._lock = threading.Lock()  # one writer or reader of the directory at a time
         self._cond = threading.Condition()
@@ -491,7 +490,7 @@ class Snapshotter:
             raise BankError(ErrorCode.BAD_ARGUMENT, f"no snapshot named {quote(name)} in {self.directory}")
         with self._lock:
             try:
-                loaded = load(path, self.placement, self.shard)
+                loaded = load(path, self.layout)
             except SnapshotError as exc:
                 self._bad = update_unloadable(self.directory, {name: str(exc)})
                 raise BankError(ErrorCode.BAD_ARGUMENT, f"snapshot {name} does not verify: {exc}") from None

@@ -274,6 +274,10 @@ class MemoryBank:
         """Whether this bank holds only some of its ids (a shard of it)."""
         return self.size != self.config.rows
 
+    def load_counters(self, counters: dict[str, int]) -> None:
+        """Counters from a snapshot."""
+        self.counters.update(counters)
+
     def nbytes(self) -> int:
         """Memory the rows held take in this bank's store."""
         return type(self.store).nbytes(self.size, self.config.dim)
@@ -293,6 +297,7 @@ class MemoryBank:
         array (a received frame is read-only: copied once). GPU: copied into a pinned host buffer
         (torch's caching host allocator reuses them) and sent with one asynchronous copy."""
         if self.store.device.type == "cpu":
+            array = np.ascontiguousarray(array)  # a caller's view may be strided (ids[::-1])
             return torch.from_numpy(array if array.flags.writeable else array.copy())
         pinned = torch.empty(array.shape, dtype=_TORCH_DTYPES[array.dtype], pin_memory=True)
         pinned.numpy()[...] = array
@@ -325,15 +330,17 @@ class MemoryBank:
             raise BankError(ErrorCode.ID_OUT_OF_RANGE, f"{what} contains id {bad}; bank "
                             f"{self.config.name!r} has rows 0..{self.config.rows - 1}")
 
-    def _check_held(self, ids: np.ndarray, what: str) -> None:
-        """Ids written or read here must be held here (a shard holds a range of them)."""
+    def _check_held(self, ids: np.ndarray, what: str, span: tuple[int, int] | None = None) -> None:
+        """Ids written or read here must be held here (``span``, by default this bank's ids: a
+        shard holds a range of them)."""
         self._check_ids(ids, what)
-        if self.partial and ids.size:
+        lo, hi = span or (self.first, self.first + self.size)
+        if (lo, hi) != (0, self.config.rows) and ids.size:
             low, high = int(ids.min()), int(ids.max())
-            if low < self.first or high >= self.first + self.size:
-                raise BankError(ErrorCode.ID_OUT_OF_RANGE, f"{what} contains id {low if low < self.first else high}; "
-                                f"this shard of bank {self.config.name!r} holds ids {self.first}.."
-                                f"{self.first + self.size - 1} (send each id to the shard that holds it)")
+            if low < lo or high >= hi:
+                raise BankError(ErrorCode.ID_OUT_OF_RANGE, f"{what} contains id {low if low < lo else high}; "
+                                f"this shard of bank {self.config.name!r} holds ids {lo}..{hi - 1} "
+                                "(send each id to the shard that holds it)")
 
     def _local(self, ids: np.ndarray) -> np.ndarray:
         """Held ids (global) -> row positions in the store."""
@@ -381,8 +388,9 @@ class MemoryBank:
             raise BankError(ErrorCode.DUPLICATE_IDS, "ids of one update must be distinct "
                             "(a repeated id would make the update depend on order)")
 
-    def validate(self, op: Op) -> None:
-        """Raise BankError if ``op`` is malformed for this bank; the rows are never touched."""
+    def validate(self, op: Op, span: tuple[int, int] | None = None) -> None:
+        """Raise BankError if ``op`` is malformed for this bank (for a bank holding ids ``span``:
+        this one's by default); the rows are never touched."""
         if isinstance(op, Search):
             self._check_rows(op.queries, "queries", None)
             self._check_some(op.queries.shape[0], "queries")
@@ -395,7 +403,7 @@ class MemoryBank:
         elif isinstance(op, Update):
             if op.mode not in UPDATE_MODES:
                 raise BankError(ErrorCode.BAD_ARGUMENT, f"update mode must be one of {UPDATE_MODES}, got {quote(op.mode)}")
-            self._check_held(op.ids, "ids")
+            self._check_held(op.ids, "ids", span)
             self._check_rows(op.values, "rows", op.ids.shape[0], scored=op.mode == "overwrite")
             self._check_distinct(op.ids)
         elif isinstance(op, SearchUpdate):

@@ -63,7 +63,9 @@ def main(log_level: str) -> None:
               help="TCP port; 0 picks a free port (the address is printed and written to --address-file).")
 @click.option("--endpoint", default=None, help="A full ZeroMQ endpoint (e.g. ipc:///tmp/bank.sock); overrides --host/--port.")
 @click.option("--device", default="cpu", show_default=True,
-              help="Where banks live: cpu, cuda, cuda:N, or auto (the first GPU torch sees, else cpu).")
+              help="Where banks live: cpu, cuda, cuda:N, or auto (the first GPU torch sees, else cpu); "
+                   "several, comma-separated (cuda:0,cuda:1), split every bank over them, searched in "
+                   "parallel and merged exactly.")
 @click.option("--engine", type=click.Choice(["auto", "faiss", "torch"]), default="auto",
               help="What searches them: faiss (the CPU store: torch.mm, FAISS heaps, int8/bf16 "
                    "prefilter), torch (the torch store, on any device), auto (faiss on a CPU when "
@@ -169,7 +171,7 @@ def _announce(server: Any, metrics_port: int | None, host: str, address_file: Pa
     cfg, placement = server.config, server.service.placement
     logger.info("fgc-bank %s: shard %s, device %s, engine %s, %d worker(s), limits: frame %d MiB, queued %d MiB, "
                 "unread replies %d MiB, bank %.1f GiB, all banks %.1f GiB; snapshots %s", __version__,
-                cfg.shard, placement.device, placement.engine, cfg.workers, cfg.max_frame_bytes >> 20,
+                cfg.shard, server.service.layout.device, placement.engine, cfg.workers, cfg.max_frame_bytes >> 20,
                 cfg.max_queued_bytes >> 20, cfg.max_unread_bytes >> 20, cfg.limits.max_bank_bytes / 2**30,
                 server.service.max_total_bytes / 2**30, cfg.snapshot_dir or "off (banks are lost at shutdown)")
     if metrics_port is not None:

@@ -17,8 +17,9 @@ from typing import Any
 from fgc_bank import __version__
 from fgc_bank.bank import BankConfig, MemoryBank, Op, OpResult, Search, SearchUpdate, Update
 from fgc_bank.errors import BankError, ErrorCode
+from fgc_bank.layout import Layout, SplitBank
 from fgc_bank.protocol import MAX_FRAME_BYTES, PROTOCOL_VERSION, Reply, Request
-from fgc_bank.shards import WHOLE, Shard
+from fgc_bank.shards import Shard
 from fgc_bank.stores import Placement
 
 logger = logging.getLogger(__name__)
@@ -55,21 +56,30 @@ class Limits:
 
 
 class BankService:
-    """Named banks and the operations on them; as shard I of S (``shard``), every bank holds only
-    the ids shard I owns (``fgc_bank.shards``), and ids on the wire stay the bank's."""
+    """Named banks and the operations on them, placed as ``layout`` says (the CPU by default):
+    on one device or split over several, and as shard I of S every bank holds only the ids shard
+    I owns (``fgc_bank.shards``); ids on the wire stay the bank's."""
 
-    def __init__(self, limits: Limits = Limits(), placement: Placement | None = None,
-                 shard: Shard = WHOLE) -> None:
+    def __init__(self, limits: Limits = Limits(), layout: Layout | None = None) -> None:
         self.limits = limits
-        self.shard = shard
-        self.placement = placement or Placement.resolve()
-        self.max_total_bytes = limits.max_total_bytes or int(0.75 * device_memory(self.placement.device)) or 2**40
-        self.banks: dict[str, MemoryBank] = {}
+        self.layout = layout or Layout((Placement.resolve(),))
+        memory = sum(device_memory(d) for d in dict.fromkeys(p.device for p in self.layout.placements))
+        self.max_total_bytes = limits.max_total_bytes or int(0.75 * memory) or 2**40
+        self.banks: dict[str, MemoryBank | SplitBank] = {}
         self._lock = threading.Lock()  # guards the bank table, not the rows
         self.started = time.time()
         self.extra_stats: Callable[[], dict[str, Any]] = dict
 
-    def bank(self, name: str | None) -> MemoryBank:
+    @property
+    def placement(self) -> Placement:
+        """Where banks live (the first device's, on a server with several) and what searches them."""
+        return self.layout.placement
+
+    @property
+    def shard(self) -> Shard:
+        return self.layout.shard
+
+    def bank(self, name: str | None) -> MemoryBank | SplitBank:
         """The bank called ``name``, or an UNKNOWN_BANK error that lists the ones there are."""
         bank = self.banks.get(name or "")
         if bank is None:
@@ -191,11 +201,11 @@ class BankService:
                             momentum=float(args.get("momentum", 0.5)), init=args.get("init", "uniform"),
                             seed=args.get("seed", 0), dtype=args.get("dtype", "float32"))
         store = self.placement.store
-        if isinstance(config.rows, int) and 0 < config.rows < self.shard.count:
-            raise BankError(ErrorCode.BAD_ARGUMENT, f"bank {config.name!r} of {config.rows} rows cannot be "
-                            f"split over {self.shard.count} shards: give it at least one row a shard")
-        part = self.shard.range(config.rows) if self.shard.count > 1 and isinstance(config.rows, int) else None
-        held = None if part is None else part[1] - part[0]
+        self.layout.check(config)
+        held = None
+        if isinstance(config.rows, int) and config.rows > 0:
+            lo, hi = self.layout.held(config.rows)
+            held = hi - lo
         config.validate(self.limits.max_bank_bytes, store, held)  # before anything: exist_ok checks arguments too
         with self._lock:
             existing = self.banks.get(config.name)
@@ -206,12 +216,12 @@ class BankService:
                 return existing.info()
             if len(self.banks) >= self.limits.max_banks:
                 raise BankError(ErrorCode.TOO_LARGE, f"this server holds at most {self.limits.max_banks} banks")
-            used, need = self.held_bytes(), config.nbytes(store, held)
+            used, need = self.held_bytes(), self.layout.nbytes(config)
             if used + need > self.max_total_bytes:
                 raise BankError(ErrorCode.TOO_LARGE, f"bank {config.name!r} needs {need / 2**30:.2f} GiB "
                                 f"and the server's banks hold {used / 2**30:.2f} GiB of the "
                                 f"{self.max_total_bytes / 2**30:.2f} GiB it allows for all banks")
-            self.banks[config.name] = bank = MemoryBank(config, placement=self.placement, part=part)
+            self.banks[config.name] = bank = self.layout.make(config)
         logger.info("created bank %r: %d x %d, momentum %.3g, init %s", config.name, config.rows,
                     config.dim, config.momentum, config.init)
         return bank.info()
@@ -220,7 +230,7 @@ class BankService:
         """Memory all banks take."""
         return sum(b.nbytes() for b in list(self.banks.values()))
 
-    def replace_banks(self, banks: Sequence[MemoryBank], prefix: str = "") -> None:
+    def replace_banks(self, banks: Sequence[MemoryBank | SplitBank], prefix: str = "") -> None:
         """Install banks built elsewhere (a restored snapshot) in place of the current ones whose
         names start with ``prefix`` (all of them for ""); other banks stay as they are."""
         if any(not bank.config.name.startswith(prefix) for bank in banks):

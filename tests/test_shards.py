@@ -246,3 +246,63 @@ def test_parts_of_a_bank_merge_to_the_whole_bank(engine: str, rows: int, k_max: 
         np.testing.assert_allclose(scores, want.scores, rtol=4e-7, atol=0)
     np.testing.assert_array_equal(np.concatenate([part.export() for part in parts]), whole.export())
     assert {part.counters["updates"] for part in parts} == {whole.counters["updates"]}
+
+
+@pytest.mark.parametrize("shard", [None, Shard(1, 2)])
+def test_a_bank_split_over_devices_answers_as_one_bank(shard: Shard | None) -> None:
+    """`--device cpu,cpu,cpu`: each bank (or this shard's share of it) split over three devices,
+    searched in parallel and merged, coalesced batches included, equals one bank."""
+    from fgc_bank.bank import BankConfig, Search, SearchUpdate, Update
+    from fgc_bank.layout import Layout, SplitBank
+
+    one = Layout.resolve("auto", "cpu", shard or Shard())
+    three = Layout.resolve("auto", "cpu,cpu,cpu", shard or Shard())
+    config = BankConfig("b", 301, 16, 0.5, "uniform", 5)
+    whole, split_bank = one.make(config), three.make(config)
+    assert isinstance(split_bank, SplitBank) and split_bank.info()["ids"] == whole.info()["ids"]
+    lo, hi = one.held(301)
+    rng = np.random.default_rng(1)
+    for t in range(10):
+        ids = rng.choice(np.arange(lo, hi), 12, replace=False).astype(np.int64)
+        values = rng.standard_normal((12, 16)).astype(np.float32)
+        batch = [Update(ids[:4], values[:4]), SearchUpdate(ids[4:], values[4:], 30, step=t if t % 2 else None),
+                 Search(values, 40, np.where(rng.random(12) < 0.5, ids, -1)), Update(ids[8:], values[8:], "overwrite")]
+        for op in batch:
+            whole.validate(op)
+            split_bank.validate(op)
+        for want, got in zip(whole.execute(batch), split_bank.execute(batch)):
+            assert want.version == got.version
+            if want.knn is not None:
+                np.testing.assert_array_equal(got.knn.ids, want.knn.ids)
+                np.testing.assert_allclose(got.knn.scores, want.knn.scores, rtol=4e-7, atol=0)
+    np.testing.assert_array_equal(split_bank.export(), whole.export())
+    np.testing.assert_array_equal(split_bank.gather(np.arange(lo, hi)[::-1]), whole.gather(np.arange(lo, hi)[::-1]))
+    np.testing.assert_array_equal(split_bank.sample(9, 4)[1], whole.sample(9, 4)[1])
+    assert split_bank.counters == whole.counters
+    with pytest.raises(BankError):
+        split_bank.validate(Update(np.array([hi]) if hi < 301 else np.array([lo - 1]), np.ones((1, 16), np.float32)))
+
+
+def test_a_server_on_several_devices_serves_and_snapshots_as_one(tmp_path: Path) -> None:
+    snaps = tmp_path / "snaps"
+    proc, address = start_server(tmp_path, "--device", "cpu,cpu", "--snapshot-dir", str(snaps))
+    rng = np.random.default_rng(2)
+    queries = rng.standard_normal((8, 12)).astype(np.float32)
+    try:
+        with connect(address) as bank:
+            bank.create("b", 97, 12, seed=4)
+            assert bank.info("b")["device"] == "cpu,cpu"
+            bank.knn_update("b", np.arange(40, 48), queries, 5)
+            answer = bank.knn("b", queries, 20, exclude=np.arange(40, 48))
+            rows = bank.gather("b", np.arange(97))
+    finally:
+        stop_server(proc)  # writes the final snapshot
+    proc, address = start_server(tmp_path, "--snapshot-dir", str(snaps))  # one device now
+    try:
+        with connect(address) as bank:
+            np.testing.assert_array_equal(bank.gather("b", np.arange(97)), rows)
+            again = bank.knn("b", queries, 20, exclude=np.arange(40, 48))
+            np.testing.assert_array_equal(again.ids, answer.ids)
+            np.testing.assert_allclose(again.scores, answer.scores, rtol=4e-7, atol=0)
+    finally:
+        stop_server(proc)
