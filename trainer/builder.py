@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.banks import FeatureBanks, GateBank, open_bank
+from trainer.banks import FeatureBanks, GateBanks, open_bank
 from trainer.checkpoint import Checkpoint
 from trainer.config import TrainConfig
 from trainer.data import DatasetSplits, load_dataset, make_loaders
@@ -106,7 +106,7 @@ def open_banks(cfg: TrainConfig, ctx: DistContext, model: GatedResNet, size: int
     client = open_bank(cfg.fgc.bank, cfg.fgc.bank_timeout)
     features = FeatureBanks.open(client, cfg.fgc.bank_prefix, dims, size, cfg.fgc.bank_momentum,
                                  cfg.fgc.nn_num, seed=cfg.run.seed)
-    gates = GateBank(dims, size, cfg.fgc.bank_momentum, cfg.run.seed, ctx.device)
+    gates = GateBanks(dims, size, cfg.fgc.bank_momentum, cfg.run.seed, ctx.device)
     if start is not None and start.resume and start.checkpoint.gate_bank is not None:
         gates.load_state_dict(start.checkpoint.gate_bank)
         saved, paired = start.checkpoint.feature_banks, start.checkpoint.bank_snapshot

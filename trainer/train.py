@@ -41,7 +41,8 @@ from fgc_bank.losses import (
     sampled_gate_contrastive_loss,
 )
 from fgc_bank.results import KnnResult
-from trainer.banks import FeatureBanks, GateBank, positives
+from fgc_bank.torch import positives
+from trainer.banks import FeatureBanks, GateBanks
 from trainer.checkpoint import Checkpoint, save_checkpoint
 from trainer.config import TrainConfig, lr_at
 from trainer.distributed import DistContext, all_reduce_sum, barrier
@@ -83,7 +84,7 @@ class Banks:
     """The FGC phase's banks (absent in BAS)."""
 
     features: FeatureBanks
-    gates: GateBank
+    gates: GateBanks
 
 
 @dataclass
