@@ -24,7 +24,7 @@ from click.core import ParameterSource
 
 from fgc_bank.errors import BankError
 from trainer.builder import StartFrom
-from trainer.checkpoint import load_checkpoint
+from trainer.checkpoint import check_run_dir, load_checkpoint
 from trainer.config import DATASETS, PHASES, TrainConfig
 from trainer.errors import TrainerError
 from trainer.models import ARCHS
@@ -146,7 +146,8 @@ def _opt(*decls: str, param: str, **kwargs: Any) -> Any:
 @_opt("--gate-hidden", param="gate_hidden", type=click.IntRange(min=1),
       help="Hidden width of each gate MLP.")
 @_opt("--out-dir", param="out_dir", type=click.Path(file_okay=False),
-      help="Where checkpoint.pt and metrics.jsonl go.")
+      help="Where checkpoint.pt, best.pt and metrics.jsonl go; refused if it holds a run "
+           "(unless --resume).")
 @_opt("--seed", param="seed", type=int, help="Seed of weights, sampling and bank init.")
 @_opt("--device", param="device", type=str, help="auto, cpu or cuda.")
 @_opt("--workers", param="workers", type=click.IntRange(min=0),
@@ -172,13 +173,19 @@ def _opt(*decls: str, param: str, **kwargs: Any) -> Any:
 @click.pass_context
 def train(ctx: click.Context, resume: str | None, init_from: str | None, log_level: str,
           **options: Any) -> None:
-    """Train a gated ResNet: the BAS phase, or FGC with feature-bank positives."""
+    """Train a gated ResNet: the BAS phase, or FGC with feature-bank positives.
+
+    `fgc-train eval CHECKPOINT` evaluates a saved model (top-1, gate density, MACs kept) with no
+    bank. A new run refuses an --out-dir that already holds one; --resume continues it.
+    """
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(log_level if rank == 0 else "WARNING", rank)
     explicit = {name for name in OPTIONS if ctx.get_parameter_source(name) in
                 (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
     try:
         cfg, start = resolve_config(options, explicit, resume, init_from)
+        if not resume:
+            check_run_dir(cfg.run.out_dir)
         run(cfg, start)
     except TrainerError as exc:
         raise SetupFailed(str(exc)) from exc
@@ -269,8 +276,14 @@ def setup_logging(level: str, rank: int) -> None:
 
 
 def main() -> None:
-    """Console-script entry point (``fgc-train``)."""
-    train(auto_envvar_prefix="FGC_TRAIN")
+    """Console-script entry point: ``fgc-train [OPTIONS]`` trains, ``fgc-train eval CHECKPOINT``
+    evaluates (a subcommand in front of the training options, which stay where they were)."""
+    if sys.argv[1:2] == ["eval"]:
+        from trainer.eval_cli import eval_command
+
+        eval_command(args=sys.argv[2:], prog_name="fgc-train eval", auto_envvar_prefix="FGC_TRAIN_EVAL")
+    else:
+        train(auto_envvar_prefix="FGC_TRAIN")
 
 
 if __name__ == "__main__":

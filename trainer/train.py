@@ -43,7 +43,7 @@ from fgc_bank.losses import (
 from fgc_bank.results import KnnResult
 from fgc_bank.torch import positives
 from trainer.banks import FeatureBanks, GateBanks
-from trainer.checkpoint import Checkpoint, save_checkpoint
+from trainer.checkpoint import BEST_FILE, CHECKPOINT_FILE, METRICS_FILE, Checkpoint, save_checkpoint
 from trainer.config import TrainConfig, lr_at
 from trainer.distributed import DistContext, all_reduce_sum, barrier
 from trainer.evaluate import EvalResult, evaluate
@@ -147,7 +147,7 @@ class Trainer:
         self.sampler, self.macs, self.banks = sampler, macs, banks
         self.start_epoch, self.fgc_start = start_epoch, fgc_start
         self.out_dir = Path(cfg.run.out_dir)
-        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl" if ctx.is_main else None)
+        self.metrics = MetricsLog(self.out_dir / METRICS_FILE if ctx.is_main else None)
         self.best_top1 = 0.0
 
     def fit(self) -> EvalResult:
@@ -159,8 +159,8 @@ class Trainer:
             started = time.monotonic()
             stats = self.train_epoch(plan)
             result = evaluate(self.model, self.test_loader, self.macs, self.ctx)
-            self.best_top1 = max(self.best_top1, result.top1)
             self.log_epoch(plan, stats, result, time.monotonic() - started)
+            self.keep_best(epoch + 1, result)
             if (epoch + 1 - self.start_epoch) % self.cfg.run.save_every == 0 or epoch == last:
                 self.save(epoch + 1)
         if result is None:
@@ -266,10 +266,22 @@ class Trainer:
                         plan.epoch, mode, plan.lr, plan.rho, stats["train_loss"],
                         stats["train_top1"], result.summary())
 
+    def keep_best(self, epochs_done: int, result: EvalResult) -> None:
+        """Rank 0 writes ``best.pt`` beside ``checkpoint.pt`` when the test top-1 beats every
+        earlier epoch of the run: the model and config only (for ``fgc-train eval`` and
+        ``--init-from``), not the banks or the optimizer."""
+        best = self.out_dir / BEST_FILE
+        if result.top1 <= self.best_top1 and best.exists():
+            return
+        self.best_top1 = max(self.best_top1, result.top1)
+        if self.ctx.is_main:
+            save_checkpoint(best, Checkpoint(self.cfg.to_dict(), epochs_done, self.fgc_start,
+                                             self.model.state_dict(), best_top1=self.best_top1))
+
     def save(self, epochs_done: int) -> None:
         """Rank 0 writes ``checkpoint.pt``; other ranks wait so no bank moves meanwhile."""
         if self.ctx.is_main:
-            save_checkpoint(self.out_dir / "checkpoint.pt", self.checkpoint(epochs_done))
+            save_checkpoint(self.out_dir / CHECKPOINT_FILE, self.checkpoint(epochs_done))
         barrier(self.ctx)
 
     def checkpoint(self, epochs_done: int) -> Checkpoint:
