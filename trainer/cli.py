@@ -14,6 +14,7 @@ checkpoint, typically BAS's, and starts the given phase at that checkpoint's epo
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -26,6 +27,7 @@ from fgc_bank.errors import BankError
 from trainer.builder import StartFrom
 from trainer.checkpoint import check_run_dir, load_checkpoint
 from trainer.config import DATASETS, PHASES, TrainConfig
+from trainer.config_file import option_values, read_config_file, write_config
 from trainer.errors import TrainerError
 from trainer.models import ARCHS
 
@@ -52,7 +54,7 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "device": ("run", "device"), "save_every": ("run", "save_every"),
     "max_steps": ("run", "max_steps"), "progress": ("run", "progress"),
     "save_feature_banks": ("run", "save_feature_banks"),
-    "dump_gate_banks": ("run", "dump_gate_banks"),
+    "dump_gate_banks": ("run", "dump_gate_banks"), "tensorboard": ("run", "tensorboard"),
 }
 # Fields taken from the checkpoint and never from the command line: the model's shape with
 # --init-from; that, the dataset, the contrasted blocks and the phase with --resume.
@@ -73,8 +75,8 @@ class IntList(click.ParamType):
     name = "ints"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, tuple):
-            return value
+        if isinstance(value, tuple | list):  # a list: from a --config file
+            return tuple(int(v) for v in value)
         try:
             return tuple(int(v) for v in str(value).split(",") if v.strip())
         except ValueError:
@@ -164,6 +166,14 @@ def _opt(*decls: str, param: str, **kwargs: Any) -> Any:
            "(with --snapshot-dir the checkpoint records a paired snapshot instead).")
 @_opt("--dump-gate-banks/--no-dump-gate-banks", param="dump_gate_banks",
       help="At the end, each rank saves its gate bank to OUT_DIR/gate_bank.rankR.pt.")
+@_opt("--tensorboard/--no-tensorboard", param="tensorboard",
+      help="Also log the epoch records to OUT_DIR/tensorboard (needs the tensorboard package).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), is_eager=True,
+              callback=lambda ctx, param, value: _apply_config_file(ctx, value), expose_value=False,
+              help="Option values from a JSON or YAML file (e.g. a run's config.json); options "
+                   "given on the command line win.")
+@click.option("--print-config", is_flag=True,
+              help="Print the resolved config as JSON and exit without training.")
 @click.option("--resume", type=click.Path(dir_okay=False),
               help="Continue the run saved in this checkpoint.")
 @click.option("--init-from", type=click.Path(dir_okay=False),
@@ -172,7 +182,7 @@ def _opt(*decls: str, param: str, **kwargs: Any) -> Any:
               show_default=True, help="Log level on rank 0 (other ranks log warnings only).")
 @click.pass_context
 def train(ctx: click.Context, resume: str | None, init_from: str | None, log_level: str,
-          **options: Any) -> None:
+          print_config: bool, **options: Any) -> None:
     """Train a gated ResNet: the BAS phase, or FGC with feature-bank positives.
 
     `fgc-train eval CHECKPOINT` evaluates a saved model (top-1, gate density, MACs kept) with no
@@ -181,9 +191,12 @@ def train(ctx: click.Context, resume: str | None, init_from: str | None, log_lev
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(log_level if rank == 0 else "WARNING", rank)
     explicit = {name for name in OPTIONS if ctx.get_parameter_source(name) in
-                (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+                (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, ParameterSource.DEFAULT_MAP)}
     try:
         cfg, start = resolve_config(options, explicit, resume, init_from)
+        if print_config:
+            click.echo(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+            return
         if not resume:
             check_run_dir(cfg.run.out_dir)
         run(cfg, start)
@@ -191,6 +204,17 @@ def train(ctx: click.Context, resume: str | None, init_from: str | None, log_lev
         raise SetupFailed(str(exc)) from exc
     except BankError as exc:  # a bank call failed mid-run (server gone, timeout, ...)
         raise click.ClickException(f"bank error: {exc}") from exc
+
+
+def _apply_config_file(ctx: click.Context, path: str | None) -> None:
+    """``--config``: the file's values become the options' defaults (the command line wins)."""
+    if path is None:
+        return
+    try:
+        values = option_values(read_config_file(path), OPTIONS, path)
+    except TrainerError as exc:
+        raise SetupFailed(str(exc)) from None
+    ctx.default_map = {**(ctx.default_map or {}), **values}
 
 
 def config_from_options(options: dict[str, Any]) -> TrainConfig:
@@ -237,6 +261,8 @@ def run(cfg: TrainConfig, start: StartFrom | None) -> None:
     ctx = init_distributed(cfg.run.device)
     try:
         trainer = build_trainer(cfg, ctx, start)
+        if ctx.is_main:
+            write_config(cfg.run.out_dir, trainer.cfg.to_dict())  # as resolved: --config reads it back
         if ctx.is_main:
             logger.info("training %s (%s phase) on %s, epochs %d..%d, %d rank(s), bank %s",
                         cfg.model.arch, cfg.run.phase, cfg.data.dataset, trainer.start_epoch,

@@ -84,6 +84,7 @@ class RunConfig:
     progress: bool = True  # tqdm bars on rank 0
     save_feature_banks: bool = True  # gather feature-bank rows into checkpoints
     dump_gate_banks: bool = False  # each rank writes its gate bank at the end (consistency check)
+    tensorboard: bool = False  # also log the epoch records to OUT_DIR/tensorboard (optional package)
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,11 @@ from absolute epoch numbers; the modules know nothing about time.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +45,7 @@ from trainer.checkpoint import BEST_FILE, CHECKPOINT_FILE, METRICS_FILE, Checkpo
 from trainer.config import TrainConfig, lr_at
 from trainer.distributed import DistContext, all_reduce_sum, barrier
 from trainer.evaluate import EvalResult, evaluate
+from trainer.logs import TENSORBOARD_DIR, MetricsLog, TensorBoardLog
 from trainer.macs import MacProfile
 from trainer.models import GatedOutput, GatedResNet
 
@@ -118,20 +117,6 @@ class Meter:
         return out
 
 
-class MetricsLog:
-    """Append-only JSONL metrics (rank 0 only): one record per epoch, plus run events."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.path is not None:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
 class Trainer:
     """Runs epochs, evaluates, logs and checkpoints. Built by :func:`trainer.builder.build_trainer`."""
 
@@ -148,7 +133,11 @@ class Trainer:
         self.start_epoch, self.fgc_start = start_epoch, fgc_start
         self.out_dir = Path(cfg.run.out_dir)
         self.metrics = MetricsLog(self.out_dir / METRICS_FILE if ctx.is_main else None)
+        self.tensorboard = (TensorBoardLog.open(self.out_dir / TENSORBOARD_DIR)
+                            if ctx.is_main and cfg.run.tensorboard else None)
         self.best_top1 = 0.0
+        self.global_step = start_epoch * len(self.train_loader)  # what the bank requests are tagged with
+        self.bank_wait = 0.0  # seconds this rank waited for kNN answers in the current epoch
 
     def fit(self) -> EvalResult:
         """Train from ``start_epoch`` to ``epochs``, evaluating after each epoch."""
@@ -177,6 +166,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = plan.lr
         meter = Meter.zeros(self.ctx.device)
+        self.bank_wait = 0.0
         bar = tqdm(self.train_loader, desc=f"epoch {plan.epoch} {plan.phase}", leave=False,
                    disable=not (self.ctx.is_main and self.cfg.run.progress), dynamic_ncols=True)
         for step, batch in enumerate(bar):
@@ -185,10 +175,14 @@ class Trainer:
             images, labels, ids = (t.to(self.ctx.device, non_blocking=True) for t in batch)
             global_step = plan.epoch * len(self.train_loader) + step  # the same on every rank
             parts, out = self.train_step(images, labels, ids, plan, host_ids=batch[2], global_step=global_step)
+            self.global_step = global_step + 1
             meter.add(parts, out, labels)
             if step % 10 == 0:  # SYNC (deliberate, every 10 steps): the progress bar's loss
                 bar.set_postfix(loss=f"{parts['loss'].item():.3f}")
-        return meter.reduce(self.ctx)
+        stats = meter.reduce(self.ctx)
+        wait = all_reduce_sum(torch.tensor([self.bank_wait], dtype=torch.float64, device=self.ctx.device), self.ctx)
+        stats["bank_wait_s"] = float(wait) / self.ctx.world_size  # per rank, averaged over ranks
+        return stats
 
     def train_step(self, images: Tensor, labels: Tensor, ids: Tensor, plan: EpochPlan,
                    host_ids: Tensor | None = None, global_step: int | None = None
@@ -240,7 +234,11 @@ class Trainer:
         """FGC step 3 summed over contrasted blocks; waits for each block's kNN only here."""
         total = out.logits.new_zeros(())
         for block, taps in out.taps.items():
-            found = pending[block].result() if block in pending else None
+            found = None
+            if block in pending:
+                waited = time.perf_counter()
+                found = pending[block].result()
+                self.bank_wait += time.perf_counter() - waited
             total = total + self._contrast(taps.gate_logits, block, positives(ids, found))
         return total
 
@@ -259,7 +257,9 @@ class Trainer:
         record = {"event": "epoch", **asdict(plan), **stats, "test_top1": result.top1,
                   "test_density": result.density, "macs_kept": result.macs_kept,
                   "block_density": list(result.block_density), "seconds": seconds}
-        self.metrics.write(record)
+        self.metrics.write(record, self.global_step)
+        if self.tensorboard is not None:
+            self.tensorboard.write(record, self.global_step)
         if self.ctx.is_main:
             mode = "knn" if plan.knn else ("warm-up" if plan.phase == "fgc" else "bas")
             logger.info("epoch %d (%s, lr %.3g, rho %.3g) loss %.4f train-acc %.3f | %s",
@@ -308,5 +308,7 @@ class Trainer:
         self.metrics.write({"event": "final", "test_top1": result.top1,
                             "test_density": result.density, "macs_kept": result.macs_kept,
                             "dense_macs": result.dense_macs, "gated_macs": result.gated_macs,
-                            "best_top1": self.best_top1, "bank_stats": bank_stats})
+                            "best_top1": self.best_top1, "bank_stats": bank_stats}, self.global_step)
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         barrier(self.ctx)
