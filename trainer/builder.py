@@ -33,6 +33,7 @@ class StartFrom:
 
     checkpoint: Checkpoint
     resume: bool
+    path: str | None = None  # where the checkpoint was read from
 
 
 def build_trainer(cfg: TrainConfig, ctx: DistContext, start: StartFrom | None = None) -> Trainer:
@@ -59,6 +60,8 @@ def build_trainer(cfg: TrainConfig, ctx: DistContext, start: StartFrom | None = 
                       sampler, macs, banks, start_epoch, fgc_start)
     if start is not None and start.resume:
         trainer.best_top1 = start.checkpoint.best_top1
+    if start is not None and not start.resume:
+        trainer.init_from = start.path
     return trainer
 
 

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -248,7 +249,7 @@ def resolve_config(options: dict[str, Any], explicit: set[str], resume: str | No
                                f"checkpoint {resume or init_from}, which has {kept}; drop the "
                                "option or use a checkpoint of that configuration")
         base = base.replace(section, **{name: value})
-    return base, StartFrom(checkpoint, resume=bool(resume))
+    return base, StartFrom(checkpoint, resume=bool(resume), path=str(Path(resume or init_from).resolve()))
 
 
 def run(cfg: TrainConfig, start: StartFrom | None) -> None:
@@ -257,6 +258,7 @@ def run(cfg: TrainConfig, start: StartFrom | None) -> None:
 
     from trainer.builder import build_trainer
     from trainer.distributed import init_distributed, shutdown
+    from trainer.plot import plot_run
 
     ctx = init_distributed(cfg.run.device)
     try:
@@ -272,6 +274,9 @@ def run(cfg: TrainConfig, start: StartFrom | None) -> None:
             result = trainer.fit()
         if ctx.is_main:
             click.echo(f"final: {result.summary()}")
+            plotted = plot_run(cfg.run.out_dir)
+            if plotted is not None:
+                logger.info("plot of the run: %s", plotted)
         if trainer.banks is not None:
             trainer.banks.features.client.close()
     finally:

@@ -100,8 +100,12 @@ def crop_flip(padding: int) -> Transform:
 
 def load_digits(test_fraction: float = 0.2, seed: int = 0) -> DatasetSplits:
     """scikit-learn's bundled digits as (1, 8, 8) images, standardised with train statistics."""
-    from sklearn.datasets import load_digits as sk_load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits as sk_load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError:
+        raise TrainerError("the digits dataset comes with scikit-learn, which is not installed: "
+                           "pip install 'fgc-bank[digits]' (or scikit-learn)") from None
 
     digits = sk_load_digits()
     images = digits.images.astype(np.float32)[:, None] / 16.0  # (1797, 1, 8, 8) in [0, 1]

@@ -138,11 +138,15 @@ class Trainer:
         self.best_top1 = 0.0
         self.global_step = start_epoch * len(self.train_loader)  # what the bank requests are tagged with
         self.bank_wait = 0.0  # seconds this rank waited for kNN answers in the current epoch
+        self.init_from: str | None = None  # the checkpoint whose weights started this run (--init-from)
 
     def fit(self) -> EvalResult:
         """Train from ``start_epoch`` to ``epochs``, evaluating after each epoch."""
         result = None
         last = self.cfg.optim.epochs - 1
+        self.metrics.write({"event": "start", "phase": self.cfg.run.phase, "start_epoch": self.start_epoch,
+                            "fgc_start": self.fgc_start, "init_from": self.init_from,
+                            "world_size": self.ctx.world_size}, self.global_step)
         for epoch in range(self.start_epoch, self.cfg.optim.epochs):
             plan = plan_epoch(self.cfg, epoch, self.fgc_start)
             started = time.monotonic()
