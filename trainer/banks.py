@@ -89,21 +89,44 @@ class GateBanks:
             rows.copy_(saved)
 
 
-def open_bank(address: str, timeout: float) -> BankHandle:
-    """Connect to a bank service and prove it answers, or say how to start one."""
+def open_bank(address: str, timeout: float, curve_secret: str | None = None,
+              curve_server: str | None = None) -> BankHandle:
+    """Connect to a bank service and prove it answers, or say how to start one.
+
+    ``curve_secret`` / ``curve_server``: this client's secret key file and the server's public
+    key file, for a server started with ``--curve-secret`` (see ``fgc-bank keys``).
+    """
+    curve = {k: v for k, v in (("curve_secret", curve_secret), ("curve_server", curve_server)) if v}
+    if curve and address.startswith("local://"):
+        raise TrainerError("--curve-secret/--curve-server authenticate to a bank server; an "
+                           "in-process bank (--bank local://) takes no keys")
+    if len(curve) == 1:
+        raise TrainerError("CURVE needs both --curve-secret (this client's secret key file) and "
+                           "--curve-server (the server's public key file)")
     try:
-        probe = connect(address, timeout=min(timeout, PROBE_TIMEOUT_S))
+        probe = connect(address, timeout=min(timeout, PROBE_TIMEOUT_S), **curve)
         try:
             probe.hello()
         finally:
             probe.close()
-        return connect(address, timeout=timeout)
+        return connect(address, timeout=timeout, **curve)
     except (BankUnavailable, BankTimeout) as exc:
-        raise TrainerError(f"cannot reach the bank at {address} ({exc.message}); start one with "
-                           "`fgc-bank serve --port 5555` and pass --bank tcp://127.0.0.1:5555, or "
-                           "use --bank local:// for an in-process bank") from exc
+        keys = (" (with CURVE: are the key files the server's pair and one it allows?)"
+                if curve else "")
+        raise TrainerError(f"cannot reach the bank at {address} ({exc.message}){keys}; "
+                           f"{serve_hint(address)}, or use --bank local:// for an in-process "
+                           "bank") from exc
     except BankError as exc:
         raise TrainerError(f"bad bank address {address!r}: {exc.message}") from exc
+
+
+def serve_hint(address: str) -> str:
+    """How to start a server at ``address``: its own port (or endpoint), never a default one."""
+    if address.startswith("tcp://") and ":" in address[6:]:
+        host, _, port = address[6:].rpartition(":")
+        where = "" if host in ("127.0.0.1", "localhost", "[::1]") else f" on {host}, with --host 0.0.0.0,"
+        return f"start one{where} with `fgc-bank serve --port {port}`"
+    return f"start one with `fgc-bank serve --endpoint {address}`"
 
 
 class FeatureBanks:

@@ -106,7 +106,7 @@ def open_banks(cfg: TrainConfig, ctx: DistContext, model: GatedResNet, size: int
                            f"{ctx.world_size} ranks that must share one feature bank; start "
                            "`fgc-bank serve` and pass its tcp:// address to --bank")
     dims = {b: model.block_channels[b] for b in model.contrast_blocks}
-    client = open_bank(cfg.fgc.bank, cfg.fgc.bank_timeout)
+    client = open_bank(cfg.fgc.bank, cfg.fgc.bank_timeout, cfg.fgc.curve_secret, cfg.fgc.curve_server)
     features = FeatureBanks.open(client, cfg.fgc.bank_prefix, dims, size, cfg.fgc.bank_momentum,
                                  cfg.fgc.nn_num, seed=cfg.run.seed)
     gates = GateBanks(dims, size, cfg.fgc.bank_momentum, cfg.run.seed, ctx.device)

@@ -16,20 +16,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from click.core import ParameterSource
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from fgc_bank.errors import BankError
 from trainer.builder import StartFrom
 from trainer.checkpoint import check_run_dir, load_checkpoint
 from trainer.config import DATASETS, PHASES, TrainConfig
 from trainer.config_file import option_values, read_config_file, write_config
-from trainer.errors import TrainerError
+from trainer.errors import TrainerError, rank, record_for_torchrun
 from trainer.models import ARCHS
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,8 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "contrast_blocks": ("fgc", "contrast_blocks"), "temperature": ("fgc", "temperature"),
     "bank_momentum": ("fgc", "bank_momentum"), "negatives": ("fgc", "negatives"),
     "bank": ("fgc", "bank"), "bank_prefix": ("fgc", "bank_prefix"),
-    "bank_timeout": ("fgc", "bank_timeout"),
+    "bank_timeout": ("fgc", "bank_timeout"), "curve_secret": ("fgc", "curve_secret"),
+    "curve_server": ("fgc", "curve_server"),
     "phase": ("run", "phase"), "out_dir": ("run", "out_dir"), "seed": ("run", "seed"),
     "device": ("run", "device"), "save_every": ("run", "save_every"),
     "max_steps": ("run", "max_steps"), "progress": ("run", "progress"),
@@ -144,6 +145,11 @@ def _opt(*decls: str, param: str, **kwargs: Any) -> Any:
       help="Bank names are PREFIX/BLOCK; change it to start fresh banks on a running server.")
 @_opt("--bank-timeout", param="bank_timeout", type=click.FloatRange(min=0.0, min_open=True),
       help="Seconds a bank call may take before it fails.")
+@_opt("--curve-secret", param="curve_secret", type=click.Path(dir_okay=False),
+      help="CURVE: this client's secret key file (from `fgc-bank keys`), for a server started "
+           "with --curve-secret.")
+@_opt("--curve-server", param="curve_server", type=click.Path(dir_okay=False),
+      help="CURVE: the bank server's public key file.")
 @_opt("--gate-tau", param="gate_tau", type=click.FloatRange(min=0.0, min_open=True),
       help="Gumbel-sigmoid temperature of the gates.")
 @_opt("--gate-hidden", param="gate_hidden", type=click.IntRange(min=1),
@@ -189,8 +195,7 @@ def train(ctx: click.Context, resume: str | None, init_from: str | None, log_lev
     `fgc-train eval CHECKPOINT` evaluates a saved model (top-1, gate density, MACs kept) with no
     bank. A new run refuses an --out-dir that already holds one; --resume continues it.
     """
-    rank = int(os.environ.get("RANK", "0"))
-    setup_logging(log_level if rank == 0 else "WARNING", rank)
+    setup_logging(log_level if rank() == 0 else "WARNING", rank())
     explicit = {name for name in OPTIONS if ctx.get_parameter_source(name) in
                 (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, ParameterSource.DEFAULT_MAP)}
     try:
@@ -202,9 +207,21 @@ def train(ctx: click.Context, resume: str | None, init_from: str | None, log_lev
             check_run_dir(cfg.run.out_dir)
         run(cfg, start)
     except TrainerError as exc:
-        raise SetupFailed(str(exc)) from exc
+        fail(ctx, str(exc), SetupFailed.exit_code)
     except BankError as exc:  # a bank call failed mid-run (server gone, timeout, ...)
-        raise click.ClickException(f"bank error: {exc}") from exc
+        fail(ctx, f"bank error: {exc}", 1)
+
+
+def fail(ctx: click.Context, message: str, code: int) -> NoReturn:
+    """End the run with one line from rank 0 (no traceback) and a non-zero status on every rank;
+    the message also goes to torchrun's failure summary. Other ranks stay quiet: the same
+    error on N ranks would otherwise print N times."""
+    record_for_torchrun(message)
+    if rank() == 0:
+        error = click.ClickException(message)
+        error.exit_code = code
+        raise error
+    ctx.exit(code)
 
 
 def _apply_config_file(ctx: click.Context, path: str | None) -> None:
@@ -214,7 +231,7 @@ def _apply_config_file(ctx: click.Context, path: str | None) -> None:
     try:
         values = option_values(read_config_file(path), OPTIONS, path)
     except TrainerError as exc:
-        raise SetupFailed(str(exc)) from None
+        fail(ctx, str(exc), SetupFailed.exit_code)
     ctx.default_map = {**(ctx.default_map or {}), **values}
 
 
@@ -306,6 +323,7 @@ def setup_logging(level: str, rank: int) -> None:
     logging.basicConfig(level=getattr(logging, level), handlers=[handler], force=True)
 
 
+@record  # torchrun's summary: an unexpected exception's traceback; our own errors, their one line
 def main() -> None:
     """Console-script entry point: ``fgc-train [OPTIONS]`` trains, ``fgc-train eval CHECKPOINT``
     evaluates (a subcommand in front of the training options, which stay where they were)."""

@@ -71,6 +71,8 @@ class FGCConfig:
     bank: str = "local://"  # feature-bank address: local:// or tcp://host:port
     bank_prefix: str = "feat"  # bank names are f"{bank_prefix}/{block}"
     bank_timeout: float = 30.0  # seconds per bank call
+    curve_secret: str | None = None  # CURVE: this client's secret key file (fgc-bank keys)
+    curve_server: str | None = None  # CURVE: the server's public key file
 
 
 @dataclass(frozen=True)
