@@ -39,7 +39,8 @@ class StartFrom:
 def build_trainer(cfg: TrainConfig, ctx: DistContext, start: StartFrom | None = None) -> Trainer:
     """Load data, build (and restore) the model, open the banks, wrap in DDP."""
     torch.manual_seed(cfg.run.seed + ctx.rank)  # Gumbel noise differs per rank; DDP syncs weights
-    splits = load_dataset(cfg.data.dataset, cfg.data.root, cfg.data.synthetic_size, cfg.run.seed)
+    splits = load_dataset(cfg.data.dataset, cfg.data.root, cfg.data.synthetic_size, cfg.run.seed,
+                          cfg.data.image_size)
     cfg = fit_model_to_data(cfg, splits)
     contrast = cfg.fgc.contrast_blocks if cfg.run.phase == "fgc" else ()
     model = build_model(cfg.model.arch, cfg.model.num_classes, cfg.model.in_channels, contrast,

@@ -40,7 +40,7 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "gate_tau": ("model", "gate_tau"),
     "dataset": ("data", "dataset"), "data_root": ("data", "root"),
     "batch_size": ("data", "batch_size"), "workers": ("data", "workers"),
-    "synthetic_size": ("data", "synthetic_size"),
+    "synthetic_size": ("data", "synthetic_size"), "image_size": ("data", "image_size"),
     "epochs": ("optim", "epochs"), "lr": ("optim", "lr"), "momentum": ("optim", "momentum"),
     "nesterov": ("optim", "nesterov"), "weight_decay": ("optim", "weight_decay"),
     "milestones": ("optim", "milestones"), "gamma": ("optim", "gamma"),
@@ -67,6 +67,8 @@ _DEFAULTS = TrainConfig()
 
 
 def _default(param: str) -> Any:
+    if param == "contrast_blocks":  # empty: the --arch's own last two, filled in by TrainConfig
+        return ()
     section, name = OPTIONS[param]
     return getattr(getattr(_DEFAULTS, section), name)
 
@@ -104,7 +106,7 @@ def _opt(*decls: str, param: str, **kwargs: Any) -> Any:
 @_opt("--arch", param="arch", type=click.Choice(ARCHS), help="Gated ResNet.")
 @_opt("--dataset", param="dataset", type=click.Choice(DATASETS), help="Training data.")
 @_opt("--data-root", param="data_root", type=click.Path(file_okay=False),
-      help="Directory of cifar10 (cifar-10-batches-py) or imagefolder (train/, val/).")
+      help="Directory of cifar10 (cifar-10-batches-py) or imagefolder (train/, val/ class folders).")
 @_opt("--epochs", param="epochs", type=click.IntRange(min=1),
       help="Total epochs, counted from the start of BAS.")
 @_opt("--batch-size", param="batch_size", type=click.IntRange(min=2),
@@ -163,6 +165,8 @@ def _opt(*decls: str, param: str, **kwargs: Any) -> Any:
       help="DataLoader worker processes per rank.")
 @_opt("--synthetic-size", param="synthetic_size", type=click.IntRange(min=16),
       help="Training examples of --dataset synthetic.")
+@_opt("--image-size", param="image_size", type=click.IntRange(min=8),
+      help="imagefolder: side of the square crops (ImageNet: 224).")
 @_opt("--save-every", param="save_every", type=click.IntRange(min=1),
       help="Epochs between checkpoints (the last epoch is always saved).")
 @_opt("--max-steps", param="max_steps", type=click.IntRange(min=0),
@@ -258,6 +262,8 @@ def resolve_config(options: dict[str, Any], explicit: set[str], resume: str | No
     base = saved if resume else cfg
     for section, name in restored:
         base = base.replace(section, **{name: getattr(getattr(saved, section), name)})
+    if not resume and "contrast_blocks" not in explicit:  # the restored --arch's own default
+        base = base.replace("fgc", contrast_blocks=())
     for param in explicit:
         section, name = OPTIONS[param]
         value, kept = getattr(getattr(cfg, section), name), getattr(getattr(base, section), name)

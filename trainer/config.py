@@ -37,6 +37,7 @@ class DataConfig:
     batch_size: int = 256  # global: split evenly over the ranks
     workers: int = 0  # DataLoader worker processes per rank
     synthetic_size: int = 512  # examples in the synthetic training set
+    image_size: int = 224  # imagefolder: side of the square crops the model sees
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: 
     checkpoint = load_checkpoint(path)
     cfg = TrainConfig.from_dict(checkpoint.config)
     splits = load_dataset(cfg.data.dataset, data_root or cfg.data.root, cfg.data.synthetic_size,
-                          cfg.run.seed)
+                          cfg.run.seed, cfg.data.image_size)
     cfg = fit_model_to_data(cfg, splits)
     ctx = DistContext(0, 1, 0, pick_device(device, 0))
     model = build_model(cfg.model.arch, cfg.model.num_classes, cfg.model.in_channels, (),
