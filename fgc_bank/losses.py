@@ -225,6 +225,25 @@ def gate_contrastive_loss(gate_logits: Tensor, gate_bank: Tensor, positives: Ten
         raise ValueError(f"gate_contrastive_loss: positives must be (B, P) with B = "
                          f"{gate_logits.shape[0]}, got {tuple(positives.shape)}")
     logits = gate_logits @ gate_bank.detach().t() / temperature  # (B, N)
+    return positive_mass_loss(logits, positives, eps)
+
+
+def positive_mass_loss(logits: Tensor, positives: Tensor, eps: float = GATE_EPS) -> Tensor:
+    """The last part of FGC step 3, from logits already divided by T:
+    ``-(1/B) sum_i log(sum_{p in P_i} softmax(logits_i)_p + eps)``, in that order (FGC.md).
+
+    Parameters
+    ----------
+    logits : (B, N) float tensor, z_ij = a_i . G[j] / T.
+    positives : (B, P) int64 tensor of row ids, P_i.
+
+    Returns
+    -------
+    scalar tensor.
+    """
+    if logits.dim() != 2 or positives.dim() != 2 or positives.shape[0] != logits.shape[0]:
+        raise ValueError(f"positive_mass_loss: logits must be (B, N) and positives (B, P), got "
+                         f"{tuple(logits.shape)} and {tuple(positives.shape)}")
     probs = torch.softmax(logits, dim=1)  # (B, N)
     mass = probs.gather(1, positives.to(torch.int64)).sum(dim=1)  # (B,)
     return -torch.log(mass + eps).mean()

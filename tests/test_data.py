@@ -103,10 +103,12 @@ def test_bad_cifar10_directory_is_refused_with_what_to_do(tmp_path: Path, proble
     assert not (tmp_path / "pwned").exists()
 
 
-def test_image_folder_without_torchvision_says_why(monkeypatch: pytest.MonkeyPatch,
-                                                   tmp_path: Path) -> None:
-    monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision -> ImportError
-    with pytest.raises(TrainerError, match="torchvision"):
+def test_image_folder_without_pillow_says_which_extra(monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path: Path) -> None:
+    for split in ("train/a", "val/a"):
+        (tmp_path / split).mkdir(parents=True)
+    monkeypatch.setitem(sys.modules, "PIL", None)  # import PIL -> ImportError, as if not installed
+    with pytest.raises(TrainerError, match=r"fgc-bank\[images\]"):
         load_image_folder(tmp_path)
 
 

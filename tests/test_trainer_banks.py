@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fgc_bank import connect
-from trainer.banks import FeatureBanks, GateBank, first_occurrence, open_bank, positives
+from fgc_bank.torch import first_occurrence, positives
+from trainer.banks import FeatureBanks, GateBanks, open_bank
 from trainer.data import synthetic
 from trainer.distributed import DistContext
 from trainer.errors import TrainerError
@@ -105,9 +106,9 @@ def test_feature_bank_rows_survive_export_and_restore() -> None:
 
 
 def test_gate_bank_initialisation_and_update_follow_fgc() -> None:
-    bank = GateBank({7: 16, 8: 32}, size=40, momentum=0.5, seed=0, device="cpu")
+    bank = GateBanks({7: 16, 8: 32}, size=40, momentum=0.5, seed=0, device="cpu")
     assert bank[8].abs().max() <= 1 / np.sqrt(32 / 3) and bank[8].shape == (40, 32)
-    again = GateBank({7: 16, 8: 32}, size=40, momentum=0.5, seed=0, device="cpu")
+    again = GateBanks({7: 16, 8: 32}, size=40, momentum=0.5, seed=0, device="cpu")
     assert torch.equal(bank[7], again[7])
     expected = {b: bank[b].double().numpy().copy() for b in (7, 8)}
     ids = torch.tensor([3, 9, 3, 1])  # id 3 twice (a padded sampler): the first one counts
@@ -124,7 +125,7 @@ def test_first_occurrence_keeps_the_earliest_position() -> None:
 
 
 def test_gate_bank_refuses_a_checkpoint_of_another_shape() -> None:
-    bank = GateBank({7: 16}, size=40, momentum=0.5, seed=0, device="cpu")
+    bank = GateBanks({7: 16}, size=40, momentum=0.5, seed=0, device="cpu")
     with pytest.raises(TrainerError, match="same dataset"):
         bank.load_state_dict({"7": torch.zeros(30, 16)})
 

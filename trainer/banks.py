@@ -4,9 +4,13 @@
   (``local://`` in-process, or a shared ``fgc-bank serve`` that all ranks talk to). Each step issues
   one ``knn_update`` per block as soon as the block's features exist (FGC steps 1 and 2 fused), and
   collects the positives when the loss needs them.
-* :class:`GateBank` — one gate bank G_b per contrasted block, a tensor replicated on every rank.
+* :class:`GateBanks` — one gate bank G_b per contrasted block, a tensor replicated on every rank.
   The exact contrastive loss needs all of it each step; ranks stay identical because every rank
-  applies the same all-gathered (ids, gate logits) with ``fgc_bank.bank.momentum_update_``.
+  applies the same all-gathered (ids, gate logits) with ``fgc_bank.torch.gate_update``.
+
+The per-bank pieces (:class:`~fgc_bank.torch.FeatureBank`, :func:`~fgc_bank.torch.positives`,
+:func:`~fgc_bank.torch.gate_update`) are the public layer that FGC's drop-in modules use too;
+this module adds what a run needs: several blocks, all-gathers, snapshots and checkpoints.
 
 Every write to either bank is an explicit call in the training step, never a side effect of
 autograd.
@@ -24,32 +28,20 @@ from torch import Tensor
 
 from fgc_bank import connect
 from fgc_bank.api import BankHandle
-from fgc_bank.bank import initial_rows, momentum_update_
+from fgc_bank.bank import initial_rows
 from fgc_bank.errors import BankError, BankTimeout, BankUnavailable, ErrorCode
 from fgc_bank.results import KnnResult
+from fgc_bank.torch import FeatureBank, gate_update
 from trainer.distributed import DistContext, all_gather_rows
 from trainer.errors import TrainerError
 
 logger = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 5.0
-TRANSFER_CHUNK = 8192  # rows per gather / overwrite request when saving or restoring a bank
+TRANSFER_CHUNK = 8192  # rows per overwrite request when restoring a bank
 
 
-def first_occurrence(ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Distinct ids and the position of each one's first occurrence in ``ids``.
-
-    Returns
-    -------
-    unique : (U,) int64 sorted distinct ids; first : (U,) int64 positions into ``ids``.
-    """
-    unique, inverse = torch.unique(ids, return_inverse=True)
-    positions = torch.arange(len(ids), device=ids.device)
-    first = torch.full((len(unique),), len(ids), dtype=torch.int64, device=ids.device)
-    return unique, first.scatter_reduce_(0, inverse, positions, reduce="amin")
-
-
-class GateBank:
+class GateBanks:
     """Replicated gate banks G_b (N x C_b each), identical on every rank.
 
     Parameters
@@ -71,7 +63,8 @@ class GateBank:
 
     @torch.no_grad()
     def update(self, ids: Tensor, gate_logits: dict[int, Tensor], ctx: DistContext) -> None:
-        """FGC step 4 on every rank: all-gather the step's (ids, a_b), then the momentum update.
+        """FGC step 4 on every rank: all-gather the step's (ids, a_b), then the momentum update
+        (``fgc_bank.torch.gate_update``: an id repeated across ranks counts once).
 
         Parameters
         ----------
@@ -80,9 +73,8 @@ class GateBank:
         """
         values = {b: a.detach().to(self.rows[b].dtype) for b, a in gate_logits.items()}
         all_ids, all_values = all_gather_rows(ids, values, ctx)
-        unique, first = first_occurrence(all_ids)  # a padded sampler may repeat an id across ranks
         for block, rows in all_values.items():
-            momentum_update_(self.rows[block], unique, rows[first], self.momentum)
+            gate_update(self.rows[block], all_ids, rows, self.momentum)
 
     def state_dict(self) -> dict[str, Tensor]:
         return {str(b): rows.cpu() for b, rows in self.rows.items()}
@@ -97,21 +89,44 @@ class GateBank:
             rows.copy_(saved)
 
 
-def open_bank(address: str, timeout: float) -> BankHandle:
-    """Connect to a bank service and prove it answers, or say how to start one."""
+def open_bank(address: str, timeout: float, curve_secret: str | None = None,
+              curve_server: str | None = None) -> BankHandle:
+    """Connect to a bank service and prove it answers, or say how to start one.
+
+    ``curve_secret`` / ``curve_server``: this client's secret key file and the server's public
+    key file, for a server started with ``--curve-secret`` (see ``fgc-bank keys``).
+    """
+    curve = {k: v for k, v in (("curve_secret", curve_secret), ("curve_server", curve_server)) if v}
+    if curve and address.startswith("local://"):
+        raise TrainerError("--curve-secret/--curve-server authenticate to a bank server; an "
+                           "in-process bank (--bank local://) takes no keys")
+    if len(curve) == 1:
+        raise TrainerError("CURVE needs both --curve-secret (this client's secret key file) and "
+                           "--curve-server (the server's public key file)")
     try:
-        probe = connect(address, timeout=min(timeout, PROBE_TIMEOUT_S))
+        probe = connect(address, timeout=min(timeout, PROBE_TIMEOUT_S), **curve)
         try:
             probe.hello()
         finally:
             probe.close()
-        return connect(address, timeout=timeout)
+        return connect(address, timeout=timeout, **curve)
     except (BankUnavailable, BankTimeout) as exc:
-        raise TrainerError(f"cannot reach the bank at {address} ({exc.message}); start one with "
-                           "`fgc-bank serve --port 5555` and pass --bank tcp://127.0.0.1:5555, or "
-                           "use --bank local:// for an in-process bank") from exc
+        keys = (" (with CURVE: are the key files the server's pair and one it allows?)"
+                if curve else "")
+        raise TrainerError(f"cannot reach the bank at {address} ({exc.message}){keys}; "
+                           f"{serve_hint(address)}, or use --bank local:// for an in-process "
+                           "bank") from exc
     except BankError as exc:
         raise TrainerError(f"bad bank address {address!r}: {exc.message}") from exc
+
+
+def serve_hint(address: str) -> str:
+    """How to start a server at ``address``: its own port (or endpoint), never a default one."""
+    if address.startswith("tcp://") and ":" in address[6:]:
+        host, _, port = address[6:].rpartition(":")
+        where = "" if host in ("127.0.0.1", "localhost", "[::1]") else f" on {host}, with --host 0.0.0.0,"
+        return f"start one{where} with `fgc-bank serve --port {port}`"
+    return f"start one with `fgc-bank serve --endpoint {address}`"
 
 
 class FeatureBanks:
@@ -120,8 +135,9 @@ class FeatureBanks:
     Use :meth:`open` to build one; it creates (or joins) the banks and checks their shape.
     """
 
-    def __init__(self, client: BankHandle, names: dict[int, str], k: int, scope: str = "") -> None:
-        self.client, self.names, self.k = client, names, k
+    def __init__(self, client: BankHandle, banks: dict[int, FeatureBank], scope: str = "") -> None:
+        self.client, self.banks = client, banks
+        self.names = {b: bank.name for b, bank in banks.items()}
         self.scope = scope  # "prefix/": this run's snapshots and restores touch only its banks
         self.paired: str = ""  # the snapshot the run's checkpoint names ("" before the first)
 
@@ -137,13 +153,13 @@ class FeatureBanks:
         if not 0 < k < size:
             raise TrainerError(f"nn_num = {k} positives per instance needs a bank of more than "
                                f"{k} rows, but the dataset has {size} examples; lower --nn-num")
-        names = {b: f"{prefix}/{b}" for b in dims}
-        for block, dim in dims.items():
-            info = _create(client, names[block], size, dim, momentum, seed + block)
-            if int(info.get("updates", 0)) > 0:
+        banks = {b: _create(client, f"{prefix}/{b}", size, dim, momentum, k, seed + b)
+                 for b, dim in dims.items()}
+        for bank in banks.values():
+            if int(bank.info.get("updates", 0)) > 0:
                 logger.warning("bank %r at %s already holds %d updates: joining it as it is",
-                               names[block], client.address, info["updates"])
-        return cls(client, names, k, scope=f"{prefix}/")
+                               bank.name, client.address, bank.info["updates"])
+        return cls(client, banks, scope=f"{prefix}/")
 
     def issue(self, block: int, ids: np.ndarray, features: Tensor, search: bool, step: int | None = None
               ) -> concurrent.futures.Future[KnnResult] | None:
@@ -157,13 +173,9 @@ class FeatureBanks:
         step : the global training step: every rank's request of the step searches the bank as
             it was before the step, and the step's updates land in a fixed order (step-consistent).
         """
-        # SYNC (deliberate, on a GPU): the bank is another process and a request carries host
-        # memory, so this waits for the forward up to this block; the search then overlaps the
-        # rest of the forward, the loss waits for it only when it needs the positives.
-        rows = features.detach().float().cpu().numpy()
         if search:
-            return self.client.knn_update_async(self.names[block], ids, rows, self.k, step=step)
-        self.client.update(self.names[block], ids, rows, mode="momentum")
+            return self.banks[block].knn_update_async(ids, features, step=step)
+        self.banks[block].update(ids, features)
         return None
 
     def snapshot(self) -> str | None:
@@ -193,13 +205,7 @@ class FeatureBanks:
 
     def export_rows(self) -> dict[int, np.ndarray]:
         """Every bank's rows (N x C float32), gathered in chunks, for a checkpoint."""
-        out = {}
-        for block, name in self.names.items():
-            size = int(self.client.info(name)["rows"])
-            chunks = [self.client.gather(name, np.arange(s, min(s + TRANSFER_CHUNK, size)))
-                      for s in range(0, size, TRANSFER_CHUNK)]
-            out[block] = np.concatenate(chunks)
-        return out
+        return {block: bank.rows() for block, bank in self.banks.items()}
 
     def restore_rows(self, saved: dict[int, Any]) -> None:
         """Overwrite the banks with rows saved by :meth:`export_rows` (a resumed run)."""
@@ -215,11 +221,10 @@ class FeatureBanks:
         return {name: banks.get(name) for name in self.names.values()}
 
 
-def _create(client: BankHandle, name: str, size: int, dim: int, momentum: float,
-            seed: int) -> dict[str, Any]:
+def _create(client: BankHandle, name: str, size: int, dim: int, momentum: float, k: int,
+            seed: int) -> FeatureBank:
     try:
-        return client.create(name, size, dim, momentum=momentum, init="uniform", seed=seed,
-                             exist_ok=True)
+        return FeatureBank(client, name, size, dim, k=k, momentum=momentum, seed=seed)
     except BankError as exc:
         if exc.code is ErrorCode.BANK_MISMATCH:
             raise TrainerError(f"bank {name!r} at {client.address} does not fit this run: "
@@ -227,25 +232,3 @@ def _create(client: BankHandle, name: str, size: int, dim: int, momentum: float,
                                f"has {dim} channels. Use another --bank-prefix, or restart the "
                                "bank server") from exc
         raise TrainerError(f"cannot create bank {name!r} at {client.address}: {exc}") from exc
-
-
-def positives(ids: Tensor, found: KnnResult | None) -> Tensor:
-    """FGC step 1's positive sets: each instance's own id, then its k neighbours.
-
-    Parameters
-    ----------
-    ids : (B,) int64 dataset indices, on the loss's device.
-    found : the kNN answer (B, k) of the batch's ``knn_update``, or None in warm-up.
-
-    Returns
-    -------
-    (B, 1) in warm-up, else (B, 1 + k) int64, on ``ids``' device.
-    """
-    own = ids.reshape(-1, 1)
-    if found is None:
-        return own
-    found_ids = np.asarray(found.ids, dtype=np.int64)
-    if (found_ids < 0).any():  # checked on the host copy: no GPU sync
-        raise TrainerError("the bank answered fewer than k neighbours (-1 ids); lower --nn-num")
-    neighbours = torch.from_numpy(found_ids).to(ids.device, non_blocking=True)
-    return torch.cat([own, neighbours], dim=1)

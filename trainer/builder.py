@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.banks import FeatureBanks, GateBank, open_bank
+from trainer.banks import FeatureBanks, GateBanks, open_bank
 from trainer.checkpoint import Checkpoint
 from trainer.config import TrainConfig
 from trainer.data import DatasetSplits, load_dataset, make_loaders
@@ -33,12 +33,14 @@ class StartFrom:
 
     checkpoint: Checkpoint
     resume: bool
+    path: str | None = None  # where the checkpoint was read from
 
 
 def build_trainer(cfg: TrainConfig, ctx: DistContext, start: StartFrom | None = None) -> Trainer:
     """Load data, build (and restore) the model, open the banks, wrap in DDP."""
     torch.manual_seed(cfg.run.seed + ctx.rank)  # Gumbel noise differs per rank; DDP syncs weights
-    splits = load_dataset(cfg.data.dataset, cfg.data.root, cfg.data.synthetic_size, cfg.run.seed)
+    splits = load_dataset(cfg.data.dataset, cfg.data.root, cfg.data.synthetic_size, cfg.run.seed,
+                          cfg.data.image_size)
     cfg = fit_model_to_data(cfg, splits)
     contrast = cfg.fgc.contrast_blocks if cfg.run.phase == "fgc" else ()
     model = build_model(cfg.model.arch, cfg.model.num_classes, cfg.model.in_channels, contrast,
@@ -59,6 +61,8 @@ def build_trainer(cfg: TrainConfig, ctx: DistContext, start: StartFrom | None = 
                       sampler, macs, banks, start_epoch, fgc_start)
     if start is not None and start.resume:
         trainer.best_top1 = start.checkpoint.best_top1
+    if start is not None and not start.resume:
+        trainer.init_from = start.path
     return trainer
 
 
@@ -103,10 +107,10 @@ def open_banks(cfg: TrainConfig, ctx: DistContext, model: GatedResNet, size: int
                            f"{ctx.world_size} ranks that must share one feature bank; start "
                            "`fgc-bank serve` and pass its tcp:// address to --bank")
     dims = {b: model.block_channels[b] for b in model.contrast_blocks}
-    client = open_bank(cfg.fgc.bank, cfg.fgc.bank_timeout)
+    client = open_bank(cfg.fgc.bank, cfg.fgc.bank_timeout, cfg.fgc.curve_secret, cfg.fgc.curve_server)
     features = FeatureBanks.open(client, cfg.fgc.bank_prefix, dims, size, cfg.fgc.bank_momentum,
                                  cfg.fgc.nn_num, seed=cfg.run.seed)
-    gates = GateBank(dims, size, cfg.fgc.bank_momentum, cfg.run.seed, ctx.device)
+    gates = GateBanks(dims, size, cfg.fgc.bank_momentum, cfg.run.seed, ctx.device)
     if start is not None and start.resume and start.checkpoint.gate_bank is not None:
         gates.load_state_dict(start.checkpoint.gate_bank)
         saved, paired = start.checkpoint.feature_banks, start.checkpoint.bank_snapshot

@@ -19,6 +19,10 @@ from trainer.errors import TrainerError
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
+CHECKPOINT_FILE = "checkpoint.pt"  # the latest state: what --resume continues
+BEST_FILE = "best.pt"  # the weights of the epoch with the best test top-1 so far
+METRICS_FILE = "metrics.jsonl"
+RUN_FILES = (CHECKPOINT_FILE, BEST_FILE, METRICS_FILE)  # what marks a directory as holding a run
 
 
 @dataclass(frozen=True)
@@ -67,3 +71,13 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         return Checkpoint(**raw)
     except TypeError as exc:
         raise TrainerError(f"checkpoint {path} has unexpected contents: {exc}") from exc
+
+
+def check_run_dir(out_dir: str | Path) -> None:
+    """Refuse to start a new run in a directory that holds one: it would be overwritten or its
+    metrics appended to. ``--resume`` continues a run and skips this check."""
+    found = [name for name in RUN_FILES if (Path(out_dir) / name).exists()]
+    if found:
+        raise TrainerError(f"--out-dir {out_dir} already holds a run ({', '.join(found)}); "
+                           f"continue it with --resume {Path(out_dir) / CHECKPOINT_FILE}, or "
+                           "give another --out-dir")

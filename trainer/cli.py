@@ -14,19 +14,22 @@ checkpoint, typically BAS's, and starts the given phase at that checkpoint's epo
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-import os
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 import click
 from click.core import ParameterSource
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from fgc_bank.errors import BankError
 from trainer.builder import StartFrom
-from trainer.checkpoint import load_checkpoint
+from trainer.checkpoint import check_run_dir, load_checkpoint
 from trainer.config import DATASETS, PHASES, TrainConfig
-from trainer.errors import TrainerError
+from trainer.config_file import option_values, read_config_file, write_config
+from trainer.errors import TrainerError, rank, record_for_torchrun
 from trainer.models import ARCHS
 
 logger = logging.getLogger(__name__)
@@ -37,7 +40,7 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "gate_tau": ("model", "gate_tau"),
     "dataset": ("data", "dataset"), "data_root": ("data", "root"),
     "batch_size": ("data", "batch_size"), "workers": ("data", "workers"),
-    "synthetic_size": ("data", "synthetic_size"),
+    "synthetic_size": ("data", "synthetic_size"), "image_size": ("data", "image_size"),
     "epochs": ("optim", "epochs"), "lr": ("optim", "lr"), "momentum": ("optim", "momentum"),
     "nesterov": ("optim", "nesterov"), "weight_decay": ("optim", "weight_decay"),
     "milestones": ("optim", "milestones"), "gamma": ("optim", "gamma"),
@@ -47,12 +50,13 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "contrast_blocks": ("fgc", "contrast_blocks"), "temperature": ("fgc", "temperature"),
     "bank_momentum": ("fgc", "bank_momentum"), "negatives": ("fgc", "negatives"),
     "bank": ("fgc", "bank"), "bank_prefix": ("fgc", "bank_prefix"),
-    "bank_timeout": ("fgc", "bank_timeout"),
+    "bank_timeout": ("fgc", "bank_timeout"), "curve_secret": ("fgc", "curve_secret"),
+    "curve_server": ("fgc", "curve_server"),
     "phase": ("run", "phase"), "out_dir": ("run", "out_dir"), "seed": ("run", "seed"),
     "device": ("run", "device"), "save_every": ("run", "save_every"),
     "max_steps": ("run", "max_steps"), "progress": ("run", "progress"),
     "save_feature_banks": ("run", "save_feature_banks"),
-    "dump_gate_banks": ("run", "dump_gate_banks"),
+    "dump_gate_banks": ("run", "dump_gate_banks"), "tensorboard": ("run", "tensorboard"),
 }
 # Fields taken from the checkpoint and never from the command line: the model's shape with
 # --init-from; that, the dataset, the contrasted blocks and the phase with --resume.
@@ -63,6 +67,8 @@ _DEFAULTS = TrainConfig()
 
 
 def _default(param: str) -> Any:
+    if param == "contrast_blocks":  # empty: the --arch's own last two, filled in by TrainConfig
+        return ()
     section, name = OPTIONS[param]
     return getattr(getattr(_DEFAULTS, section), name)
 
@@ -73,8 +79,8 @@ class IntList(click.ParamType):
     name = "ints"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, tuple):
-            return value
+        if isinstance(value, tuple | list):  # a list: from a --config file
+            return tuple(int(v) for v in value)
         try:
             return tuple(int(v) for v in str(value).split(",") if v.strip())
         except ValueError:
@@ -100,7 +106,7 @@ def _opt(*decls: str, param: str, **kwargs: Any) -> Any:
 @_opt("--arch", param="arch", type=click.Choice(ARCHS), help="Gated ResNet.")
 @_opt("--dataset", param="dataset", type=click.Choice(DATASETS), help="Training data.")
 @_opt("--data-root", param="data_root", type=click.Path(file_okay=False),
-      help="Directory of cifar10 (cifar-10-batches-py) or imagefolder (train/, val/).")
+      help="Directory of cifar10 (cifar-10-batches-py) or imagefolder (train/, val/ class folders).")
 @_opt("--epochs", param="epochs", type=click.IntRange(min=1),
       help="Total epochs, counted from the start of BAS.")
 @_opt("--batch-size", param="batch_size", type=click.IntRange(min=2),
@@ -141,18 +147,26 @@ def _opt(*decls: str, param: str, **kwargs: Any) -> Any:
       help="Bank names are PREFIX/BLOCK; change it to start fresh banks on a running server.")
 @_opt("--bank-timeout", param="bank_timeout", type=click.FloatRange(min=0.0, min_open=True),
       help="Seconds a bank call may take before it fails.")
+@_opt("--curve-secret", param="curve_secret", type=click.Path(dir_okay=False),
+      help="CURVE: this client's secret key file (from `fgc-bank keys`), for a server started "
+           "with --curve-secret.")
+@_opt("--curve-server", param="curve_server", type=click.Path(dir_okay=False),
+      help="CURVE: the bank server's public key file.")
 @_opt("--gate-tau", param="gate_tau", type=click.FloatRange(min=0.0, min_open=True),
       help="Gumbel-sigmoid temperature of the gates.")
 @_opt("--gate-hidden", param="gate_hidden", type=click.IntRange(min=1),
       help="Hidden width of each gate MLP.")
 @_opt("--out-dir", param="out_dir", type=click.Path(file_okay=False),
-      help="Where checkpoint.pt and metrics.jsonl go.")
+      help="Where checkpoint.pt, best.pt and metrics.jsonl go; refused if it holds a run "
+           "(unless --resume).")
 @_opt("--seed", param="seed", type=int, help="Seed of weights, sampling and bank init.")
 @_opt("--device", param="device", type=str, help="auto, cpu or cuda.")
 @_opt("--workers", param="workers", type=click.IntRange(min=0),
       help="DataLoader worker processes per rank.")
 @_opt("--synthetic-size", param="synthetic_size", type=click.IntRange(min=16),
       help="Training examples of --dataset synthetic.")
+@_opt("--image-size", param="image_size", type=click.IntRange(min=8),
+      help="imagefolder: side of the square crops (ImageNet: 224).")
 @_opt("--save-every", param="save_every", type=click.IntRange(min=1),
       help="Epochs between checkpoints (the last epoch is always saved).")
 @_opt("--max-steps", param="max_steps", type=click.IntRange(min=0),
@@ -163,6 +177,14 @@ def _opt(*decls: str, param: str, **kwargs: Any) -> Any:
            "(with --snapshot-dir the checkpoint records a paired snapshot instead).")
 @_opt("--dump-gate-banks/--no-dump-gate-banks", param="dump_gate_banks",
       help="At the end, each rank saves its gate bank to OUT_DIR/gate_bank.rankR.pt.")
+@_opt("--tensorboard/--no-tensorboard", param="tensorboard",
+      help="Also log the epoch records to OUT_DIR/tensorboard (needs the tensorboard package).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), is_eager=True,
+              callback=lambda ctx, param, value: _apply_config_file(ctx, value), expose_value=False,
+              help="Option values from a JSON or YAML file (e.g. a run's config.json); options "
+                   "given on the command line win.")
+@click.option("--print-config", is_flag=True,
+              help="Print the resolved config as JSON and exit without training.")
 @click.option("--resume", type=click.Path(dir_okay=False),
               help="Continue the run saved in this checkpoint.")
 @click.option("--init-from", type=click.Path(dir_okay=False),
@@ -171,19 +193,50 @@ def _opt(*decls: str, param: str, **kwargs: Any) -> Any:
               show_default=True, help="Log level on rank 0 (other ranks log warnings only).")
 @click.pass_context
 def train(ctx: click.Context, resume: str | None, init_from: str | None, log_level: str,
-          **options: Any) -> None:
-    """Train a gated ResNet: the BAS phase, or FGC with feature-bank positives."""
-    rank = int(os.environ.get("RANK", "0"))
-    setup_logging(log_level if rank == 0 else "WARNING", rank)
+          print_config: bool, **options: Any) -> None:
+    """Train a gated ResNet: the BAS phase, or FGC with feature-bank positives.
+
+    `fgc-train eval CHECKPOINT` evaluates a saved model (top-1, gate density, MACs kept) with no
+    bank. A new run refuses an --out-dir that already holds one; --resume continues it.
+    """
+    setup_logging(log_level if rank() == 0 else "WARNING", rank())
     explicit = {name for name in OPTIONS if ctx.get_parameter_source(name) in
-                (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+                (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, ParameterSource.DEFAULT_MAP)}
     try:
         cfg, start = resolve_config(options, explicit, resume, init_from)
+        if print_config:
+            click.echo(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+            return
+        if not resume:
+            check_run_dir(cfg.run.out_dir)
         run(cfg, start)
     except TrainerError as exc:
-        raise SetupFailed(str(exc)) from exc
+        fail(ctx, str(exc), SetupFailed.exit_code)
     except BankError as exc:  # a bank call failed mid-run (server gone, timeout, ...)
-        raise click.ClickException(f"bank error: {exc}") from exc
+        fail(ctx, f"bank error: {exc}", 1)
+
+
+def fail(ctx: click.Context, message: str, code: int) -> NoReturn:
+    """End the run with one line from rank 0 (no traceback) and a non-zero status on every rank;
+    the message also goes to torchrun's failure summary. Other ranks stay quiet: the same
+    error on N ranks would otherwise print N times."""
+    record_for_torchrun(message)
+    if rank() == 0:
+        error = click.ClickException(message)
+        error.exit_code = code
+        raise error
+    ctx.exit(code)
+
+
+def _apply_config_file(ctx: click.Context, path: str | None) -> None:
+    """``--config``: the file's values become the options' defaults (the command line wins)."""
+    if path is None:
+        return
+    try:
+        values = option_values(read_config_file(path), OPTIONS, path)
+    except TrainerError as exc:
+        fail(ctx, str(exc), SetupFailed.exit_code)
+    ctx.default_map = {**(ctx.default_map or {}), **values}
 
 
 def config_from_options(options: dict[str, Any]) -> TrainConfig:
@@ -209,6 +262,8 @@ def resolve_config(options: dict[str, Any], explicit: set[str], resume: str | No
     base = saved if resume else cfg
     for section, name in restored:
         base = base.replace(section, **{name: getattr(getattr(saved, section), name)})
+    if not resume and "contrast_blocks" not in explicit:  # the restored --arch's own default
+        base = base.replace("fgc", contrast_blocks=())
     for param in explicit:
         section, name = OPTIONS[param]
         value, kept = getattr(getattr(cfg, section), name), getattr(getattr(base, section), name)
@@ -217,7 +272,7 @@ def resolve_config(options: dict[str, Any], explicit: set[str], resume: str | No
                                f"checkpoint {resume or init_from}, which has {kept}; drop the "
                                "option or use a checkpoint of that configuration")
         base = base.replace(section, **{name: value})
-    return base, StartFrom(checkpoint, resume=bool(resume))
+    return base, StartFrom(checkpoint, resume=bool(resume), path=str(Path(resume or init_from).resolve()))
 
 
 def run(cfg: TrainConfig, start: StartFrom | None) -> None:
@@ -226,10 +281,13 @@ def run(cfg: TrainConfig, start: StartFrom | None) -> None:
 
     from trainer.builder import build_trainer
     from trainer.distributed import init_distributed, shutdown
+    from trainer.plot import plot_run
 
     ctx = init_distributed(cfg.run.device)
     try:
         trainer = build_trainer(cfg, ctx, start)
+        if ctx.is_main:
+            write_config(cfg.run.out_dir, trainer.cfg.to_dict())  # as resolved: --config reads it back
         if ctx.is_main:
             logger.info("training %s (%s phase) on %s, epochs %d..%d, %d rank(s), bank %s",
                         cfg.model.arch, cfg.run.phase, cfg.data.dataset, trainer.start_epoch,
@@ -239,6 +297,9 @@ def run(cfg: TrainConfig, start: StartFrom | None) -> None:
             result = trainer.fit()
         if ctx.is_main:
             click.echo(f"final: {result.summary()}")
+            plotted = plot_run(cfg.run.out_dir)
+            if plotted is not None:
+                logger.info("plot of the run: %s", plotted)
         if trainer.banks is not None:
             trainer.banks.features.client.close()
     finally:
@@ -268,9 +329,16 @@ def setup_logging(level: str, rank: int) -> None:
     logging.basicConfig(level=getattr(logging, level), handlers=[handler], force=True)
 
 
+@record  # torchrun's summary: an unexpected exception's traceback; our own errors, their one line
 def main() -> None:
-    """Console-script entry point (``fgc-train``)."""
-    train(auto_envvar_prefix="FGC_TRAIN")
+    """Console-script entry point: ``fgc-train [OPTIONS]`` trains, ``fgc-train eval CHECKPOINT``
+    evaluates (a subcommand in front of the training options, which stay where they were)."""
+    if sys.argv[1:2] == ["eval"]:
+        from trainer.eval_cli import eval_command
+
+        eval_command(args=sys.argv[2:], prog_name="fgc-train eval", auto_envvar_prefix="FGC_TRAIN_EVAL")
+    else:
+        train(auto_envvar_prefix="FGC_TRAIN")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ class DataConfig:
     batch_size: int = 256  # global: split evenly over the ranks
     workers: int = 0  # DataLoader worker processes per rank
     synthetic_size: int = 512  # examples in the synthetic training set
+    image_size: int = 224  # imagefolder: side of the square crops the model sees
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class FGCConfig:
     bank: str = "local://"  # feature-bank address: local:// or tcp://host:port
     bank_prefix: str = "feat"  # bank names are f"{bank_prefix}/{block}"
     bank_timeout: float = 30.0  # seconds per bank call
+    curve_secret: str | None = None  # CURVE: this client's secret key file (fgc-bank keys)
+    curve_server: str | None = None  # CURVE: the server's public key file
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,7 @@ class RunConfig:
     progress: bool = True  # tqdm bars on rank 0
     save_feature_banks: bool = True  # gather feature-bank rows into checkpoints
     dump_gate_banks: bool = False  # each rank writes its gate bank at the end (consistency check)
+    tensorboard: bool = False  # also log the epoch records to OUT_DIR/tensorboard (optional package)
 
 
 @dataclass(frozen=True)

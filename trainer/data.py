@@ -6,7 +6,8 @@ FGC keeps one bank row per training example, so every training example carries i
   1 channel, split 80/20 stratified with a fixed seed (1,437 train / 360 test).
 * ``cifar10``: the standard python-pickle CIFAR-10 directory (``data_batch_1..5``, ``test_batch``),
   read with a restricted unpickler that only rebuilds numpy arrays.
-* ``imagefolder``: ``ROOT/train`` and ``ROOT/val`` class folders; needs torchvision (optional).
+* ``imagefolder``: ``ROOT/train`` and ``ROOT/val`` class folders (ImageNet layout), read with
+  Pillow (optional) by :mod:`trainer.images`; ``--image-size`` sets the crop.
 * ``synthetic``: seeded class-prototype images, for tests and smoke runs.
 """
 
@@ -71,20 +72,6 @@ class TensorImages(Dataset):
         return image, int(self.labels[index]), index
 
 
-class WithIndex(Dataset):
-    """Wraps an ``(image, label)`` dataset so that items are ``(image, label, index)``."""
-
-    def __init__(self, base: Dataset) -> None:
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[Any, int, int]:
-        image, label = self.base[index]
-        return image, int(label), index
-
-
 def crop_flip(padding: int) -> Transform:
     """Random crop after zero padding, then a random horizontal flip (CIFAR augmentation)."""
 
@@ -100,8 +87,12 @@ def crop_flip(padding: int) -> Transform:
 
 def load_digits(test_fraction: float = 0.2, seed: int = 0) -> DatasetSplits:
     """scikit-learn's bundled digits as (1, 8, 8) images, standardised with train statistics."""
-    from sklearn.datasets import load_digits as sk_load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits as sk_load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError:
+        raise TrainerError("the digits dataset comes with scikit-learn, which is not installed: "
+                           "pip install 'fgc-bank[digits]' (or scikit-learn)") from None
 
     digits = sk_load_digits()
     images = digits.images.astype(np.float32)[:, None] / 16.0  # (1797, 1, 8, 8) in [0, 1]
@@ -186,35 +177,26 @@ def load_cifar10(root: str | Path | None) -> DatasetSplits:
 
 
 def load_image_folder(root: str | Path | None, image_size: int = 224) -> DatasetSplits:
-    """``ROOT/train`` and ``ROOT/val`` class folders through torchvision (ImageNet layout)."""
-    try:
-        from torchvision import datasets, transforms
-    except ImportError as exc:
-        raise TrainerError("the imagefolder dataset reads images through torchvision, which is "
-                           "not installed; pip install torchvision, or use cifar10/digits") from exc
+    """``ROOT/train`` and ``ROOT/val`` class folders (ImageNet layout), read with Pillow."""
+    from trainer.images import ImageFolder, centre_crop, random_resized_crop
+
     if root is None or not (Path(root) / "train").is_dir() or not (Path(root) / "val").is_dir():
         raise TrainerError(f"image folder {root} must contain train/ and val/ class folders "
                            "(ImageNet layout); pass --data-root")
-    normalize = transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    train = datasets.ImageFolder(str(Path(root) / "train"), transforms.Compose([
-        transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(), normalize]))
-    test = datasets.ImageFolder(str(Path(root) / "val"), transforms.Compose([
-        transforms.Resize(int(image_size * 256 / 224)), transforms.CenterCrop(image_size),
-        transforms.ToTensor(), normalize]))
-    return DatasetSplits(WithIndex(train), WithIndex(test), len(train.classes),
-                         (3, image_size, image_size))
+    train = ImageFolder(Path(root) / "train", random_resized_crop(image_size))
+    test = ImageFolder(Path(root) / "val", centre_crop(image_size), classes=train.classes)
+    return DatasetSplits(train, test, len(train.classes), (3, image_size, image_size))
 
 
 def load_dataset(name: str, root: str | None = None, synthetic_size: int = 512,
-                 seed: int = 0) -> DatasetSplits:
+                 seed: int = 0, image_size: int = 224) -> DatasetSplits:
     """Load a dataset by name: digits, cifar10, imagefolder or synthetic."""
     if name == "digits":
         return load_digits(seed=seed)
     if name == "cifar10":
         return load_cifar10(root)
     if name == "imagefolder":
-        return load_image_folder(root)
+        return load_image_folder(root, image_size)
     if name == "synthetic":
         return synthetic(synthetic_size, seed=seed)
     raise TrainerError(f"unknown dataset {name!r}; use digits, cifar10, imagefolder or synthetic")

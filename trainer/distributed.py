@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from fgc_bank.torch import all_gather_rows as fgc_all_gather_rows
 from trainer.errors import TrainerError
 
 logger = logging.getLogger(__name__)
@@ -96,35 +97,8 @@ def all_reduce_sum(tensor: Tensor, ctx: DistContext) -> Tensor:
 
 def all_gather_rows(ids: Tensor, rows: dict[int, Tensor], ctx: DistContext
                     ) -> tuple[Tensor, dict[int, Tensor]]:
-    """Concatenate every rank's ``ids`` and rows, in rank order, identically on every rank.
-
-    Ranks may hold different batch sizes: sizes are exchanged first and batches padded.
-
-    Parameters
-    ----------
-    ids : (B_r,) int64 dataset indices of this rank's batch.
-    rows : per key, a (B_r, C_key) tensor of this rank's values.
-
-    Returns
-    -------
-    ids : (sum_r B_r,) int64; rows : per key, (sum_r B_r, C_key).
-    """
+    """Every rank's ``ids`` and rows concatenated in rank order, identically on every rank
+    (``fgc_bank.torch.all_gather_rows``); the inputs themselves in a single process."""
     if not ctx.distributed:
         return ids, rows
-    sizes = torch.zeros(ctx.world_size, dtype=torch.int64, device=ids.device)
-    sizes[ctx.rank] = len(ids)
-    dist.all_reduce(sizes)
-    longest = int(sizes.max())
-    keep = torch.cat([torch.arange(int(n), device=ids.device) + r * longest
-                      for r, n in enumerate(sizes.tolist())])
-    gathered_ids = _gather_padded(ids, longest, ctx)[keep]
-    gathered = {key: _gather_padded(value, longest, ctx)[keep] for key, value in rows.items()}
-    return gathered_ids, gathered
-
-
-def _gather_padded(value: Tensor, longest: int, ctx: DistContext) -> Tensor:
-    padded = value.new_zeros((longest, *value.shape[1:]))
-    padded[: len(value)] = value
-    out = [torch.empty_like(padded) for _ in range(ctx.world_size)]
-    dist.all_gather(out, padded.contiguous())
-    return torch.cat(out)
+    return fgc_all_gather_rows(ids, rows)

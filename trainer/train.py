@@ -17,13 +17,11 @@ from absolute epoch numbers; the modules know nothing about time.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +39,13 @@ from fgc_bank.losses import (
     sampled_gate_contrastive_loss,
 )
 from fgc_bank.results import KnnResult
-from trainer.banks import FeatureBanks, GateBank, positives
-from trainer.checkpoint import Checkpoint, save_checkpoint
+from fgc_bank.torch import positives
+from trainer.banks import FeatureBanks, GateBanks
+from trainer.checkpoint import BEST_FILE, CHECKPOINT_FILE, METRICS_FILE, Checkpoint, save_checkpoint
 from trainer.config import TrainConfig, lr_at
 from trainer.distributed import DistContext, all_reduce_sum, barrier
 from trainer.evaluate import EvalResult, evaluate
+from trainer.logs import TENSORBOARD_DIR, MetricsLog, TensorBoardLog
 from trainer.macs import MacProfile
 from trainer.models import GatedOutput, GatedResNet
 
@@ -83,7 +83,7 @@ class Banks:
     """The FGC phase's banks (absent in BAS)."""
 
     features: FeatureBanks
-    gates: GateBank
+    gates: GateBanks
 
 
 @dataclass
@@ -117,20 +117,6 @@ class Meter:
         return out
 
 
-class MetricsLog:
-    """Append-only JSONL metrics (rank 0 only): one record per epoch, plus run events."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.path is not None:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
 class Trainer:
     """Runs epochs, evaluates, logs and checkpoints. Built by :func:`trainer.builder.build_trainer`."""
 
@@ -146,20 +132,28 @@ class Trainer:
         self.sampler, self.macs, self.banks = sampler, macs, banks
         self.start_epoch, self.fgc_start = start_epoch, fgc_start
         self.out_dir = Path(cfg.run.out_dir)
-        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl" if ctx.is_main else None)
+        self.metrics = MetricsLog(self.out_dir / METRICS_FILE if ctx.is_main else None)
+        self.tensorboard = (TensorBoardLog.open(self.out_dir / TENSORBOARD_DIR)
+                            if ctx.is_main and cfg.run.tensorboard else None)
         self.best_top1 = 0.0
+        self.global_step = start_epoch * len(self.train_loader)  # what the bank requests are tagged with
+        self.bank_wait = 0.0  # seconds this rank waited for kNN answers in the current epoch
+        self.init_from: str | None = None  # the checkpoint whose weights started this run (--init-from)
 
     def fit(self) -> EvalResult:
         """Train from ``start_epoch`` to ``epochs``, evaluating after each epoch."""
         result = None
         last = self.cfg.optim.epochs - 1
+        self.metrics.write({"event": "start", "phase": self.cfg.run.phase, "start_epoch": self.start_epoch,
+                            "fgc_start": self.fgc_start, "init_from": self.init_from,
+                            "world_size": self.ctx.world_size}, self.global_step)
         for epoch in range(self.start_epoch, self.cfg.optim.epochs):
             plan = plan_epoch(self.cfg, epoch, self.fgc_start)
             started = time.monotonic()
             stats = self.train_epoch(plan)
             result = evaluate(self.model, self.test_loader, self.macs, self.ctx)
-            self.best_top1 = max(self.best_top1, result.top1)
             self.log_epoch(plan, stats, result, time.monotonic() - started)
+            self.keep_best(epoch + 1, result)
             if (epoch + 1 - self.start_epoch) % self.cfg.run.save_every == 0 or epoch == last:
                 self.save(epoch + 1)
         if result is None:
@@ -176,6 +170,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = plan.lr
         meter = Meter.zeros(self.ctx.device)
+        self.bank_wait = 0.0
         bar = tqdm(self.train_loader, desc=f"epoch {plan.epoch} {plan.phase}", leave=False,
                    disable=not (self.ctx.is_main and self.cfg.run.progress), dynamic_ncols=True)
         for step, batch in enumerate(bar):
@@ -184,10 +179,14 @@ class Trainer:
             images, labels, ids = (t.to(self.ctx.device, non_blocking=True) for t in batch)
             global_step = plan.epoch * len(self.train_loader) + step  # the same on every rank
             parts, out = self.train_step(images, labels, ids, plan, host_ids=batch[2], global_step=global_step)
+            self.global_step = global_step + 1
             meter.add(parts, out, labels)
             if step % 10 == 0:  # SYNC (deliberate, every 10 steps): the progress bar's loss
                 bar.set_postfix(loss=f"{parts['loss'].item():.3f}")
-        return meter.reduce(self.ctx)
+        stats = meter.reduce(self.ctx)
+        wait = all_reduce_sum(torch.tensor([self.bank_wait], dtype=torch.float64, device=self.ctx.device), self.ctx)
+        stats["bank_wait_s"] = float(wait) / self.ctx.world_size  # per rank, averaged over ranks
+        return stats
 
     def train_step(self, images: Tensor, labels: Tensor, ids: Tensor, plan: EpochPlan,
                    host_ids: Tensor | None = None, global_step: int | None = None
@@ -239,7 +238,11 @@ class Trainer:
         """FGC step 3 summed over contrasted blocks; waits for each block's kNN only here."""
         total = out.logits.new_zeros(())
         for block, taps in out.taps.items():
-            found = pending[block].result() if block in pending else None
+            found = None
+            if block in pending:
+                waited = time.perf_counter()
+                found = pending[block].result()
+                self.bank_wait += time.perf_counter() - waited
             total = total + self._contrast(taps.gate_logits, block, positives(ids, found))
         return total
 
@@ -258,17 +261,31 @@ class Trainer:
         record = {"event": "epoch", **asdict(plan), **stats, "test_top1": result.top1,
                   "test_density": result.density, "macs_kept": result.macs_kept,
                   "block_density": list(result.block_density), "seconds": seconds}
-        self.metrics.write(record)
+        self.metrics.write(record, self.global_step)
+        if self.tensorboard is not None:
+            self.tensorboard.write(record, self.global_step)
         if self.ctx.is_main:
             mode = "knn" if plan.knn else ("warm-up" if plan.phase == "fgc" else "bas")
             logger.info("epoch %d (%s, lr %.3g, rho %.3g) loss %.4f train-acc %.3f | %s",
                         plan.epoch, mode, plan.lr, plan.rho, stats["train_loss"],
                         stats["train_top1"], result.summary())
 
+    def keep_best(self, epochs_done: int, result: EvalResult) -> None:
+        """Rank 0 writes ``best.pt`` beside ``checkpoint.pt`` when the test top-1 beats every
+        earlier epoch of the run: the model and config only (for ``fgc-train eval`` and
+        ``--init-from``), not the banks or the optimizer."""
+        best = self.out_dir / BEST_FILE
+        if result.top1 <= self.best_top1 and best.exists():
+            return
+        self.best_top1 = max(self.best_top1, result.top1)
+        if self.ctx.is_main:
+            save_checkpoint(best, Checkpoint(self.cfg.to_dict(), epochs_done, self.fgc_start,
+                                             self.model.state_dict(), best_top1=self.best_top1))
+
     def save(self, epochs_done: int) -> None:
         """Rank 0 writes ``checkpoint.pt``; other ranks wait so no bank moves meanwhile."""
         if self.ctx.is_main:
-            save_checkpoint(self.out_dir / "checkpoint.pt", self.checkpoint(epochs_done))
+            save_checkpoint(self.out_dir / CHECKPOINT_FILE, self.checkpoint(epochs_done))
         barrier(self.ctx)
 
     def checkpoint(self, epochs_done: int) -> Checkpoint:
@@ -295,5 +312,7 @@ class Trainer:
         self.metrics.write({"event": "final", "test_top1": result.top1,
                             "test_density": result.density, "macs_kept": result.macs_kept,
                             "dense_macs": result.dense_macs, "gated_macs": result.gated_macs,
-                            "best_top1": self.best_top1, "bank_stats": bank_stats})
+                            "best_top1": self.best_top1, "bank_stats": bank_stats}, self.global_step)
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         barrier(self.ctx)
