@@ -197,11 +197,18 @@ class BankHandle(abc.ABC):
 def connect(address: str, timeout: float = DEFAULT_TIMEOUT_S, **options: Any) -> BankHandle:
     """Open a bank handle: ``local://`` (in-process), ``tcp://host:port`` / ``ipc://path``, or the
     shard servers of one bank, comma-separated (``tcp://a:5555,tcp://b:5555``: one handle over
-    all of them, see ``fgc_bank.sharded``)."""
+    all of them, see ``fgc_bank.sharded``) or found in a torchrun rendezvous store
+    (``rdzv://host:port``, see ``fgc_bank.rendezvous``)."""
     if address.startswith("local://"):
         from fgc_bank.local import LocalBank
 
         return LocalBank(timeout=timeout, **options)
+    if address.startswith("rdzv://"):  # shard servers launched by torchrun publish themselves there
+        from fgc_bank.rendezvous import lookup
+
+        address = ",".join(lookup(address[len("rdzv://"):], timeout))
+        if "," not in address:
+            return connect(address, timeout, **options)
     if "," in address:
         addresses = [a.strip() for a in address.split(",")]
         bad = [a for a in addresses if not a.startswith(("tcp://", "ipc://", "inproc://"))]
@@ -214,4 +221,4 @@ def connect(address: str, timeout: float = DEFAULT_TIMEOUT_S, **options: Any) ->
         from fgc_bank.client import BankClient
 
         return BankClient(address, timeout=timeout, **options)
-    raise BankError(ErrorCode.BAD_ARGUMENT, f"bank address {address!r} must start with local://, tcp:// or ipc://")
+    raise BankError(ErrorCode.BAD_ARGUMENT, f"bank address {address!r} must start with local://, tcp://, ipc:// or rdzv://")

@@ -116,20 +116,26 @@ def main(log_level: str) -> None:
               help="Serve Prometheus metrics over HTTP on this port (bound to --host); 0 picks one.")
 @click.option("--shard", default=None, metavar="I/S",
               help="Serve shard I of S of every bank: its contiguous share of the ids (ids on the wire "
-                   "stay global). Clients connect to all S servers at once (tcp://a,tcp://b,...).")
+                   "stay global). Clients connect to all S servers at once (tcp://a,tcp://b,...). "
+                   "'auto': shard RANK of WORLD_SIZE, as torchrun sets them.")
+@click.option("--rendezvous", default=None, metavar="HOST:PORT",
+              help="Publish this server's address in the torchrun rendezvous store at HOST:PORT (the "
+                   "launch's --rdzv-endpoint), where clients find the shards with rdzv://HOST:PORT.")
 def serve(host: str, port: int, endpoint: str | None, device: str, engine: str, workers: int, faiss_threads: int, coalesce_wait_ms: float,
           max_queue: int, max_batch: int, max_frame_mib: float, max_bank_gib: float, max_total_gib: float | None,
           max_queued_mib: float, max_unread_mib: float, address_file: Path | None,
           snapshot_dir: Path | None, snapshot_every: float, snapshot_keep: int, skip_unloadable_snapshots: bool,
-          curve_secret: Path | None, curve_clients: Path | None, metrics_port: int | None, shard: str | None) -> None:
+          curve_secret: Path | None, curve_clients: Path | None, metrics_port: int | None, shard: str | None,
+          rendezvous: str | None) -> None:
     """Serve memory banks over ZeroMQ until Ctrl-C or SIGTERM."""
     from bank_server.server import BankServer, ServerConfig
     from fgc_bank.errors import BankError
+    from fgc_bank.rendezvous import shard_from_env
     from fgc_bank.service import Limits
     from fgc_bank.shards import WHOLE, Shard
 
     try:
-        part = WHOLE if shard is None else Shard.parse(shard)
+        part = WHOLE if shard is None else shard_from_env() if shard == "auto" else Shard.parse(shard)
     except BankError as exc:
         raise click.BadParameter(exc.message, param_hint="--shard") from None
 
@@ -154,9 +160,16 @@ def serve(host: str, port: int, endpoint: str | None, device: str, engine: str, 
     server.install_signal_handlers()
     try:
         _announce(server, metrics_port, host, address_file)
+        if rendezvous is not None:
+            from fgc_bank.rendezvous import publish
+
+            publish(rendezvous, part, server.address)
     except OSError as exc:  # a busy metrics port, an address file that cannot be written
         server.close()
         raise click.ClickException(str(exc)) from None
+    except BankError as exc:  # an unreachable rendezvous store
+        server.close()
+        raise click.ClickException(exc.message) from None
     click.echo(f"fgc-bank serving on {server.address}", err=False)
     sys.stdout.flush()
     server.serve_forever()

@@ -4,7 +4,11 @@ processes on loopback, fed the same operations as a plain server, compared bit f
 from __future__ import annotations
 
 import itertools
+import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -306,3 +310,47 @@ def test_a_server_on_several_devices_serves_and_snapshots_as_one(tmp_path: Path)
             np.testing.assert_allclose(again.scores, answer.scores, rtol=4e-7, atol=0)
     finally:
         stop_server(proc)
+
+
+@pytest.mark.timeout(180)
+def test_shard_servers_launched_by_torchrun_are_found_through_the_rendezvous(tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node 2 -m bank_server --shard auto --rendezvous E`: two shard
+    servers take their shards from torchrun and publish themselves; rdzv://E finds both."""
+    endpoint = f"127.0.0.1:{unused_port()}"
+    log = tmp_path / "torchrun.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                                 "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "-m", "bank_server",
+                                 "--shard", "auto", "--rendezvous", endpoint, "--port", "0"],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with connect(f"rdzv://{endpoint}", timeout=60 * TIME_FACTOR) as bank:
+            assert bank.count == 2
+            bank.create("found", 11, 4, seed=1)
+            with connect(bank.address.split(",")[1]) as second:
+                assert second.hello()["shard"] == [1, 2]
+                assert second.info("found")["ids"] == [6, 11]
+            with connect("local://") as one:
+                one.create("found", 11, 4, seed=1)
+                np.testing.assert_array_equal(bank.gather("found", np.arange(11)), one.gather("found", np.arange(11)))
+    except BaseException:
+        print(log.read_text())
+        raise
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_serve_refuses_shard_specs_it_cannot_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from fgc_bank.cli import main
+
+    monkeypatch.delenv("RANK", raising=False)
+    for spec, why in [("auto", "launch with torchrun"), ("3/3", "0 <= I < S"), ("half", "of the form I/S")]:
+        result = CliRunner().invoke(main, ["serve", "--shard", spec, "--port", "0"])
+        assert result.exit_code == 2 and why in result.output and "Traceback" not in result.output, result.output
