@@ -257,24 +257,23 @@ def _shard_order(addresses: list[str], hellos: list[dict[str, Any]]) -> list[int
 
 
 def _check_banks(hellos: list[dict[str, Any]], addresses: list[str]) -> dict[str, int]:
-    """Every bank on every shard, with the same configuration and the shard's share of its ids;
-    the banks' rows by name."""
+    """A bank found on several shards has the same configuration on each, and each shard holds
+    its share of the ids; the banks' rows by name. A bank on some shards only is left to the
+    calls (another client may be creating it right now; a call on it then names the shard that
+    lacks it)."""
     count = len(hellos)
     names = sorted({name for h in hellos for name in h.get("banks", {})})
     rows = {}
     for name in names:
         infos = [h.get("banks", {}).get(name) for h in hellos]
-        absent = [addresses[i] for i, info in enumerate(infos) if info is None]
-        if absent:
-            raise BankError(ErrorCode.BANK_MISMATCH, f"bank {name!r} is missing on {', '.join(absent)} but exists on "
-                            "other shards: create it on every shard (create with exist_ok) or drop it everywhere")
-        configs = {tuple(info.get(f) for f in CONFIG_FIELDS) for info in infos}
+        configs = {tuple(info.get(f) for f in CONFIG_FIELDS) for info in infos if info is not None}
         if len(configs) > 1:
             raise BankError(ErrorCode.BANK_MISMATCH, f"bank {name!r} has different configurations on the shards "
                             f"({', '.join(map(str, sorted(configs, key=str)))}); drop it and create it again")
+        infos = [info for info in infos if info is not None]
         expected = split(int(infos[0]["rows"]), count)
-        for i, info in enumerate(infos):
-            if "ids" in info and tuple(info["ids"]) != expected[i]:
+        for i, info in enumerate(h.get("banks", {}).get(name) for h in hellos):
+            if info is not None and "ids" in info and tuple(info["ids"]) != expected[i]:
                 raise BankError(ErrorCode.BANK_MISMATCH, f"bank {name!r} on {addresses[i]} holds ids {info['ids']}, "
                                 f"not shard {i}/{count}'s {list(expected[i])}")
         rows[name] = int(infos[0]["rows"])

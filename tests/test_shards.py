@@ -145,15 +145,24 @@ def test_a_set_of_servers_that_is_not_every_shard_once_is_refused(servers, pick,
 
 def test_shards_with_different_banks_are_refused(servers) -> None:
     _, shard_addresses = servers
-    with connect(shard_addresses[0]) as first:
-        first.create("lonely", 30, 4)
+    for i, dim in ((0, 4), (1, 5)):
+        with connect(shard_addresses[i]) as shard:
+            shard.create("odd", 30, dim)
     try:
         with pytest.raises(BankError) as info:
             connect(",".join(shard_addresses))
-        assert info.value.code is ErrorCode.BANK_MISMATCH and "lonely" in info.value.message
+        assert info.value.code is ErrorCode.BANK_MISMATCH and "'odd' has different configurations" in info.value.message
+        with connect(shard_addresses[1]) as shard:
+            shard.drop("odd")
+        with connect(",".join(shard_addresses)) as sharded:  # on some shards only: being created, say
+            with pytest.raises(BankError) as info:
+                sharded.knn("odd", np.ones((1, 4), np.float32), 1)
+            assert info.value.code is ErrorCode.UNKNOWN_BANK and "shard 1/3" in info.value.message
     finally:
-        with connect(shard_addresses[0]) as first:
-            first.drop("lonely")
+        for address in shard_addresses:
+            with connect(address) as shard:
+                if "odd" in shard.hello()["banks"]:
+                    shard.drop("odd")
 
 
 def test_snapshot_of_every_shard_restores_bit_for_bit_and_a_killed_shard_resumes(tmp_path: Path) -> None:

@@ -64,3 +64,43 @@ def test_two_rank_torchrun_keeps_gate_banks_identical(tmp_path: Path, server: st
         info = stats[f"ddp/{block}"]
         assert info["rows_updated"] == EPOCHS * STEPS * GLOBAL_BATCH  # both ranks, shared bank
         assert info["searches"] == STEPS * 2  # kNN only after the one warm-up epoch
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_ranks_train_identically_against_two_shards_and_one_server(tmp_path: Path) -> None:
+    """The same 2-rank torchrun FGC run on digits, once against one server and once against two
+    shard servers: step-consistent banks make the runs identical, weights and banks bit for bit."""
+    import numpy as np
+    from conftest import start_server, stop_server
+
+    plain = start_server(tmp_path)
+    shards = [start_server(tmp_path, "--shard", f"{i}/2") for i in range(2)]
+    runs = {"one": plain[1], "shards": ",".join(address for _, address in shards)}
+    try:
+        for name, bank in runs.items():
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                       "-m", "trainer", "--phase", "fgc", "--dataset", "digits", "--arch", "resnet20",
+                       "--batch-size", "32", "--epochs", "2", "--max-steps", "4", "--nn-epoch", "1",
+                       "--nn-num", "4", "--bank", bank, "--bank-prefix", "same", "--no-progress",
+                       "--out-dir", str(tmp_path / name)]
+            env = dict(os.environ, OMP_NUM_THREADS="1",
+                       PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+            done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300, check=False)
+            assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+        one, sharded = (load_checkpoint(tmp_path / name / "checkpoint.pt") for name in runs)
+        assert one.model.keys() == sharded.model.keys()
+        for key in one.model:
+            assert torch.equal(one.model[key], sharded.model[key]), key
+        for block, rows in one.gate_bank.items():
+            assert torch.equal(rows, sharded.gate_bank[block])
+        with connect(runs["one"]) as a, connect(runs["shards"]) as b:
+            names = [n for n in a.hello()["banks"] if n.startswith("same/")]
+            assert names and sorted(names) == sorted(b.hello()["banks"])
+            for name in names:
+                rows = a.info(name)["rows"]
+                np.testing.assert_array_equal(a.gather(name, np.arange(rows)), b.gather(name, np.arange(rows)))
+                assert a.info(name)["updates"] == b.info(name)["updates"] > 0
+    finally:
+        for proc, _ in [plain, *shards]:
+            stop_server(proc)
