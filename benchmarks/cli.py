@@ -38,13 +38,17 @@ QUICK_BUDGET_S = 0.6
               help="Goal of the 1-client server's queries/s over the compute bound, for every workload "
                    "[default: the issue's, cifar 0.6, imagenet 0.75]. The command exits with status 1 "
                    "when any target is missed.")
+@click.option("--shards", type=click.IntRange(0, 64), default=4,
+              help="Also measure one bank over this many shard servers (imagenet-512's shape, capped like "
+                   "the workloads): the merge's cost beyond the slowest shard and the projected queries/s "
+                   "of that many machines; 0 skips it. Its target is judged on full-size runs only.")
 @click.option("--progress/--no-progress", default=True, help="A progress bar on stderr.")
 @click.option("--device", default="cpu", help="cpu: the CPU contenders below; cuda or cuda:N: the GPU "
               "bench (benchmarks/gpu.py: the paper's search, the torch store, GEMM bounds, momentum "
               "updates, a served bank with 1 and 8 clients), written as gpu.json.")
 def bench(workloads: tuple[str, ...], quick: bool, max_rows: int | None, batch: int, clients: tuple[int, ...],
           threads: int, seconds: float | None, reps: int, peak_size: int | None, seed: int, out_dir: Path,
-          bound_goal: float | None, progress: bool, device: str) -> None:
+          bound_goal: float | None, shards: int, progress: bool, device: str) -> None:
     """Measure top-k inner-product search: queries/s, knn_update latency, update rows/s.
 
     Contenders, on the same rows: FAISS knn with default settings and with its BLAS path forced,
@@ -75,7 +79,7 @@ def bench(workloads: tuple[str, ...], quick: bool, max_rows: int | None, batch: 
     out_dir.mkdir(parents=True, exist_ok=True)
     # Log records (the bank's, the server's relayed by benchmarks.remote) go through tqdm.write
     # while the bar is up, so each lands on a line of its own instead of inside the bar.
-    with logging_redirect_tqdm(), tqdm(total=1 + len(chosen) * suite.steps(settings), disable=not progress,
+    with logging_redirect_tqdm(), tqdm(total=1 + len(chosen) * suite.steps(settings) + bool(shards), disable=not progress,
                                        file=sys.stderr, desc="fgc-bank bench", unit="step") as bar:
         def tick(what: str) -> None:
             bar.set_postfix_str(what[-40:], refresh=False)
@@ -84,14 +88,24 @@ def bench(workloads: tuple[str, ...], quick: bool, max_rows: int | None, batch: 
         peak = measure_peak(peak_size or (2048 if quick else 4096))
         tick(f"peak {peak.gflops:.0f} GFLOP/s")
         results = [suite.run_workload(w, peak, settings, tick) for w in chosen]
+        sharded = None
+        if shards:
+            from benchmarks import shards as shard_bench
+
+            sharded = shard_bench.measure(WORKLOADS["imagenet-512"].resized(cap, batch), shards,
+                                          reps=max(reps, 10), threads=threads, seed=seed)
+            sharded["judged"] = cap is None
+            tick(f"{shards} shards")
     run = {"command": _command_line(click.get_current_context().params), "mode": {"quick": quick, "max_rows": cap},
            "machine": report.machine(), "peak": peak.__dict__, "settings": settings.__dict__,
-           "elapsed_s": time.time() - started, "results": results, "bound_goals": goals,
+           "elapsed_s": time.time() - started, "results": results, "bound_goals": goals, "shards": sharded,
            "checks": [c.__dict__ | {"verdict": c.verdict} for c in report.checks(results, goals)]}
     (out_dir / "bench.json").write_text(json.dumps(run, indent=2, default=list) + "\n")
     report.chart(run, out_dir / "bench.png")
     (out_dir / "RESULTS.md").write_text(report.markdown(run, "bench.png"))
     click.echo(report.text_table(results, run["peak"], goals))
+    if sharded is not None:
+        click.echo("\n" + shard_bench.text(sharded))
     click.echo(f"\nwrote {out_dir / 'bench.json'}, {out_dir / 'bench.png'}, {out_dir / 'RESULTS.md'}")
     _exit_on_missed(report.missed(run))
 

@@ -59,12 +59,12 @@ def wait_for_address(process: subprocess.Popen, address_file: Path, command: Seq
 class Server:
     """``fgc-bank serve --port 0`` in a subprocess; ``address`` once it is listening."""
 
-    def __init__(self, threads: int, workers: int = 1, device: str = "cpu") -> None:
+    def __init__(self, threads: int, workers: int = 1, device: str = "cpu", extra: Sequence[str] = ()) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="fgc-bank-bench-")
         address_file = Path(self._dir.name) / "address"
         command = [sys.executable, "-m", "fgc_bank.cli", "--log-level", "warning", "serve", "--port", "0",
                    "--address-file", str(address_file), "--faiss-threads", str(threads),
-                   "--workers", str(workers), "--device", device]
+                   "--workers", str(workers), "--device", device, *extra]
         # Its log lines are relayed through this process's logging (a thread keeps reading, so the
         # pipe never fills): under `fgc-bank bench` they then print above the progress bar.
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

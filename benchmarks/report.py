@@ -299,8 +299,10 @@ def chart_title(run: dict[str, Any]) -> str:
 
 def missed(run: dict[str, Any]) -> list[str]:
     """One line per target the run missed, naming it, its value and its goal (empty: all met)."""
+    from benchmarks.shards import missed as shards_missed
+
     return [f"missed target: {c['workload']}: {c['what']} = {c['value']:.3f}, goal >= {c['goal']:g}"
-            for c in run["checks"] if c["verdict"] == "MISSED"]
+            for c in run["checks"] if c["verdict"] == "MISSED"] + shards_missed(run.get("shards"))
 
 
 def machine() -> dict[str, Any]:
@@ -373,6 +375,10 @@ def markdown(run: dict[str, Any], chart_name: str) -> str:
     out += ["## Targets", "", "| workload | ratio | measured | goal | verdict |", "| --- | --- | ---: | ---: | --- |"]
     for c in checks(results, run.get("bound_goals")):
         out.append(f"| {c.workload} | {c.what} | {c.value:.3f} | {'' if c.goal is None else f'>= {c.goal:g}'} | {c.verdict} |")
+    if run.get("shards"):
+        from benchmarks.shards import text as shards_text
+
+        out += ["", "## One bank over shard servers", "", "    " + shards_text(run["shards"]).replace("\n", "\n    ")]
     out += ["", f"![queries/s of each contender beside the compute bound]({chart_name})", ""]
     return "\n".join(out)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -67,6 +68,9 @@ class ShardedBank(BankHandle):
         self.count = len(addresses)
         self.address = ",".join(addresses[c] for c in self._conn)  # in shard order
         self._rows_lock = threading.Lock()
+        # the last blocking call's time, and its slowest shard's round trip (send to reply): the
+        # difference is what sharding adds (fan-out, merge), which `fgc-bank bench` measures
+        self.last_call: dict[str, float] = {}
 
     def close(self) -> None:
         """Close every shard's connection."""
@@ -102,9 +106,13 @@ class ShardedBank(BankHandle):
         return out
 
     def _call(self, request: Request, decode: Callable[[Reply], T]) -> T:
+        started = time.perf_counter()
         calls, combine = self._plan(request)
         replies = self.client.call_all([(self._conn[shard], sub, _same) for shard, sub in calls])
-        return decode(combine(replies))
+        result = decode(combine(replies))
+        self.last_call = {"total_s": time.perf_counter() - started,
+                          "slowest_shard_s": max(self.client.round_trips, default=0.0)}
+        return result
 
     def _every(self, request: Request) -> list[Call]:
         return [(i, Request(request.op, request.bank, dict(request.args), request.arrays)) for i in range(self.count)]

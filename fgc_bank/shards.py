@@ -69,11 +69,25 @@ def owners(ids: np.ndarray, rows: int, count: int) -> np.ndarray:
 def merge_topk(scores: list[np.ndarray], ids: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
     """The exact top-k of several shards' answers to the same B queries.
 
-    Each shard's (B, k_s) answer is sorted by descending score; padding (a shard with fewer rows
-    than k) is id -1 with score -inf and never wins while the bank has k rows to give. Equal
-    scores are ordered by id, lowest first, whichever shard holds them.
+    Each shard's (B, k_s) float32 scores and int64 ids (below 2^31) hold its best rows; padding
+    (a shard with fewer rows than k) is id -1 with score -inf and never wins while the bank has k
+    rows to give. Equal scores are ordered by id, lowest first, whichever shard holds them (a cut
+    through equal scores keeps the lowest ids). Each (score, id) becomes one int64 whose order is
+    (descending score, ascending id): the float's bits made order-preserving above, the id
+    below; a partition and a sort of those integers give the answer, no tie left to break.
     """
-    all_scores = np.concatenate(scores, axis=1)
-    all_ids = np.concatenate(ids, axis=1)
-    order = np.lexsort((all_ids, -all_scores.astype(np.float64)), axis=1)[:, :k]
-    return np.take_along_axis(all_scores, order, 1), np.take_along_axis(all_ids, order, 1)
+    keys = _sort_keys(np.concatenate(scores, axis=1), np.concatenate(ids, axis=1))
+    if keys.shape[1] > k:
+        keys = np.partition(keys, k - 1, axis=1)[:, :k]
+    keys.sort(axis=1)
+    ordered = (keys >> 32).astype(np.int32)
+    negated = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).view(np.float32)
+    return np.negative(negated), (keys & 0xFFFFFFFF) - 1
+
+
+def _sort_keys(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """int64 keys ascending in (-score, id): -score's float32 bits with the magnitude bits of
+    negative numbers flipped (an int32 ordered as the floats are), shifted above id + 1."""
+    bits = np.negative(scores, dtype=np.float32).view(np.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.astype(np.int64) << 32) | (ids + 1)

@@ -39,7 +39,7 @@ def test_quick_bench_writes_json_chart_and_page_and_fails_on_a_missed_target(tmp
     log lines printed while the bar is up each start a line of their own."""
     out = tmp_path / "results"
     args = ["--quick", "--workload", "cifar", "--max-rows", "9000", "--seconds", "0.05", "--reps", "2",
-            "--clients", "1", "--clients", "2", "--peak-size", "256", "--out", str(out), "--bound-goal", "1e6"]
+            "--clients", "1", "--clients", "2", "--peak-size", "256", "--out", str(out), "--bound-goal", "1e6", "--shards", "2"]
     done = subprocess.run([sys.executable, "-m", "fgc_bank.cli", "--log-level", "info", "bench", *args],
                           check=False, capture_output=True, text=True, timeout=600)
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-4000:]
@@ -87,9 +87,15 @@ def test_quick_bench_writes_json_chart_and_page_and_fails_on_a_missed_target(tmp
     assert report.missed(run)[0] == next(line.removeprefix("fgc-bank bench: ") for line in done.stderr.split("\n")
                                          if "missed target" in line)
 
+    shards = run["shards"]  # one bank over 2 shard servers, imagenet-512's shape capped like the workloads
+    assert shards["shards"] == 2 and shards["rows"] == 9000 and shards["k"] == 200 and not shards["judged"]
+    assert 0 < shards["slowest_shard_alone_ms"] and 0 < shards["request_ms"] and shards["projected_qps"] > 0
+    assert -1 < shards["overhead_fraction"]["median"] < 1 and shards["merge_ms"] > 0
+    assert "over S = 2 shard servers" in done.stdout
+
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "RESULTS.md").read_text()
-    assert "## cifar" in page and "![" in page and "GFLOP/s" in page
+    assert "## cifar" in page and "![" in page and "GFLOP/s" in page and "## One bank over shard servers" in page
 
 
 def test_stats_and_latency_summaries() -> None:
