@@ -363,3 +363,43 @@ def test_serve_refuses_shard_specs_it_cannot_use(monkeypatch: pytest.MonkeyPatch
     for spec, why in [("auto", "launch with torchrun"), ("3/3", "0 <= I < S"), ("half", "of the form I/S")]:
         result = CliRunner().invoke(main, ["serve", "--shard", spec, "--port", "0"])
         assert result.exit_code == 2 and why in result.output and "Traceback" not in result.output, result.output
+
+
+@pytest.mark.slow
+def test_a_trainer_checkpoint_pairs_with_a_snapshot_of_every_shard(tmp_path: Path) -> None:
+    """fgc-train against two shard servers: its checkpoint names the snapshot group, and a resume
+    restores every shard's banks to it while the banks had moved on."""
+    import torch
+    from click.testing import CliRunner
+
+    from trainer.builder import StartFrom, build_trainer
+    from trainer.checkpoint import load_checkpoint
+    from trainer.cli import train
+    from trainer.config import TrainConfig
+    from trainer.distributed import DistContext
+
+    procs = []
+    for i in range(2):
+        (tmp_path / f"s{i}").mkdir()
+        procs.append(start_server(tmp_path / f"s{i}", "--shard", f"{i}/2", "--snapshot-dir", str(tmp_path / f"s{i}" / "snaps")))
+    address = ",".join(a for _, a in procs)
+    try:
+        out = tmp_path / "run"
+        args = ["--dataset", "synthetic", "--synthetic-size", "64", "--batch-size", "16", "--max-steps", "2",
+                "--no-progress", "--log-level", "WARNING", "--phase", "fgc", "--nn-num", "4", "--nn-epoch", "1",
+                "--contrast-blocks", "7,8", "--epochs", "2", "--bank", address, "--out-dir", str(out)]
+        result = CliRunner().invoke(train, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        saved = load_checkpoint(out / "checkpoint.pt")
+        assert saved.bank_snapshot is not None and saved.bank_snapshot.startswith("shards2-")
+        with connect(address) as bank:
+            paired = {name: bank.gather(name, np.arange(64)) for name in ("feat/7", "feat/8")}
+            bank.update("feat/7", np.arange(64), np.ones((64, 64), np.float32), mode="overwrite")
+        trainer = build_trainer(TrainConfig.from_dict(saved.config), DistContext(0, 1, 0, torch.device("cpu")),
+                                StartFrom(saved, resume=True))
+        client = trainer.banks.features.client
+        for name, rows in paired.items():
+            np.testing.assert_array_equal(client.gather(name, np.arange(64)), rows)
+    finally:
+        for proc, _ in procs:
+            stop_server(proc)
