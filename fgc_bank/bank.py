@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -100,26 +100,36 @@ def initial_rows(rows: int, dim: int, init: str = "uniform", seed: int = 0,
 
     ``part`` = (lo, hi): only rows [lo, hi), equal to those rows of the whole bank, so the shards
     of a bank start as the bank would. Uniform draws are consumed one per value whatever the
-    batch size (normal ones are not), so the rows before ``lo`` are drawn in chunks and dropped.
+    batch size (normal ones are not), so the rows are drawn in chunks, those before ``lo``
+    dropped, and no temporary is larger than a chunk.
     """
     lo, hi = (0, rows) if part is None else part
     gen = torch.Generator().manual_seed(seed)
-    if init == "uniform":
-        bound = 1.0 / math.sqrt(dim / 3.0)
-        return _uniform_rows(gen, lo, hi, dim).mul_(2 * bound).sub_(bound)
-    u = _uniform_rows(gen, lo, hi, 2 * dim)
-    radius = torch.log1p(-u[:, :dim]).mul_(-2.0).sqrt_()  # 1 - u is in (0, 1]: no log(0)
-    values = radius.mul_(torch.cos(u[:, dim:].mul_(2 * math.pi)))
-    return values.div_(values.norm(dim=1, keepdim=True).clamp_min_(1e-12))
+    out = torch.empty(hi - lo, dim)
+    width = dim if init == "uniform" else 2 * dim
+    for start, u in _uniform_chunks(gen, lo, hi, width):
+        target = out[start - lo:start - lo + u.shape[0]]
+        if init == "uniform":
+            bound = 1.0 / math.sqrt(dim / 3.0)
+            target.copy_(u.mul_(2 * bound).sub_(bound))
+        else:
+            radius = torch.log1p(-u[:, :dim]).mul_(-2.0).sqrt_()  # 1 - u is in (0, 1]: no log(0)
+            values = radius.mul_(torch.cos(u[:, dim:].mul_(2 * math.pi)))
+            target.copy_(values.div_(values.norm(dim=1, keepdim=True).clamp_min_(1e-12)))
+    return out
 
 
-def _uniform_rows(gen: torch.Generator, lo: int, hi: int, width: int) -> torch.Tensor:
-    """Rows [lo, hi) of the U[0, 1) stream ``gen`` draws ``width`` values a row from."""
-    chunk = max(1, (1 << 24) // width)
-    skip = torch.empty(min(chunk, lo), width) if lo else None
-    for start in range(0, lo, chunk):
-        torch.rand(min(chunk, lo - start), width, generator=gen, out=skip[:min(chunk, lo - start)])
-    return torch.rand(hi - lo, width, generator=gen)
+def _uniform_chunks(gen: torch.Generator, lo: int, hi: int, width: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """Rows [lo, hi) of the U[0, 1) stream ``gen`` draws ``width`` values a row from, in chunks
+    (first row, chunk); the rows before ``lo`` are drawn into one reused buffer and dropped."""
+    chunk = max(1, (1 << 22) // width)
+    buffer = torch.empty(chunk, width)
+    for start in range(0, hi, chunk):
+        n = min(chunk, hi - start)
+        torch.rand(n, width, generator=gen, out=buffer[:n])
+        if start + n > lo:
+            keep = max(lo - start, 0)
+            yield start + keep, buffer[keep:n]
 
 
 @dataclass(frozen=True)

@@ -403,3 +403,22 @@ def test_a_trainer_checkpoint_pairs_with_a_snapshot_of_every_shard(tmp_path: Pat
     finally:
         for proc, _ in procs:
             stop_server(proc)
+
+
+@pytest.mark.parametrize("init", ["uniform", "unit"])
+def test_the_parts_of_a_bank_start_as_the_whole_bank_does(init: str) -> None:
+    import torch
+
+    from fgc_bank.bank import initial_rows
+
+    for rows, dim in [(1000, 37), (70_000, 64), (10, 3)]:  # 70,000 x 64: parts cross the draw's chunks
+        whole = initial_rows(rows, dim, init, 5)
+        for count in (2, 3, 7):
+            parts = torch.cat([initial_rows(rows, dim, init, 5, part) for part in split(rows, count)])
+            assert torch.equal(parts, whole), (rows, dim, count)
+    if init == "uniform":  # FGC's init, as the authors draw it: one call for the whole bank
+        gen = torch.Generator().manual_seed(3)
+        bound = 1 / (64 / 3) ** 0.5
+        assert torch.equal(initial_rows(5000, 64, "uniform", 3), torch.rand(5000, 64, generator=gen) * (2 * bound) - bound)
+    else:
+        torch.testing.assert_close(whole.norm(dim=1), torch.ones(10))
