@@ -256,6 +256,15 @@ def info(address: str, timeout: float, curve_secret: Path | None, curve_server: 
     if as_json:
         click.echo(json.dumps(stats, indent=2, sort_keys=True))
         return
+    for i, shard in enumerate(stats.get("shards", [])):  # a sharded bank: each shard server in turn
+        click.echo(f"-- shard {i}/{len(stats['shards'])}")
+        _print_stats(shard, None, address)
+    if "shards" not in stats:
+        _print_stats(stats, listing, address)
+
+
+def _print_stats(stats: dict[str, Any], listing: dict[str, Any] | None, address: str) -> None:
+    """``info``'s human output for one server."""
     click.echo(f"server {stats.get('address', address)}  up {stats['uptime_s']:.0f} s  "
                f"queue {stats.get('queue_depth', 0)}")
     click.echo(_snapshot_age_line(stats, listing))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,7 @@ SUMMED_COUNTERS = ("rows_updated",)  # each part counts its own rows; the others
 class Layout:
     """The placement of each device's part of a bank (one or more) and the server's shard."""
 
-    placements: tuple[Placement, ...] = (Placement(),)
+    placements: tuple[Placement, ...] = field(default_factory=lambda: (Placement.resolve(),))
     shard: Shard = WHOLE
 
     @classmethod
@@ -49,11 +49,12 @@ class Layout:
 
     @property
     def device(self) -> str:
+        """The devices, comma-separated (as ``--device`` takes them)."""
         return ",".join(p.device for p in self.placements)
 
     def held(self, rows: int) -> tuple[int, int]:
         """The ids [lo, hi) of a bank of ``rows`` rows that this server holds."""
-        return self.shard.range(rows) if self.shard.count > 1 else (0, rows)
+        return self.shard.range(rows)
 
     def nbytes(self, config: BankConfig) -> int:
         """Memory a bank takes here, over all devices."""

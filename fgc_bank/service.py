@@ -62,7 +62,7 @@ class BankService:
 
     def __init__(self, limits: Limits = Limits(), layout: Layout | None = None) -> None:
         self.limits = limits
-        self.layout = layout or Layout((Placement.resolve(),))
+        self.layout = layout or Layout()
         memory = sum(device_memory(d) for d in dict.fromkeys(p.device for p in self.layout.placements))
         self.max_total_bytes = limits.max_total_bytes or int(0.75 * memory) or 2**40
         self.banks: dict[str, MemoryBank | SplitBank] = {}

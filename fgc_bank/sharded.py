@@ -231,8 +231,10 @@ class ShardedBank(BankHandle):
             if retain is not None:
                 args["retain"] = kept[i]
             calls.append((i, Request("snapshot", None, args)))
-        return calls, lambda rs: Reply(0, result={"name": group, "prefix": rs[0].result.get("prefix", ""),
-                                                  "shards": [r.result for r in rs]})
+        return calls, lambda rs: Reply(0, result={
+            "name": group, "prefix": rs[0].result.get("prefix", ""), "banks": rs[0].result.get("banks", {}),
+            "path": ", ".join(str(r.result.get("path")) for r in rs),
+            "seconds": max(r.result.get("seconds", 0.0) for r in rs), "shards": [r.result for r in rs]})
 
     def _restore(self, request: Request) -> tuple[list[Call], Combine]:
         group = request.args["name"]
@@ -315,15 +317,25 @@ def _merged_banks(per_shard: list[dict[str, dict[str, Any]]]) -> dict[str, dict[
 
 
 def _grouped_listing(listings: list[dict[str, Any]]) -> dict[str, Any]:
-    """Each shard's snapshot listing, and the groups (snapshots of every shard) found on all."""
+    """The shards' snapshot listings, and their groups (snapshots of every shard at once) as one
+    listing of the sharded bank, newest first: a group is named, aged, pinned and verified as its
+    members are, and says which shard lacks its part."""
     groups: dict[str, list[Any]] = {}
     for i, listing in enumerate(listings):
         for snap in listing.get("snapshots", []):
             if snap.get("group"):
                 groups.setdefault(snap["group"], [None] * len(listings))[i] = snap
-    return {"directory": [listing.get("directory") for listing in listings], "shards": listings,
-            "snapshots": [{"name": group, "complete": all(m is not None for m in members),
-                           "members": [None if m is None else m["name"] for m in members],
-                           "prefix": next(m for m in members if m is not None).get("prefix"),
-                           "age_s": max(m["age_s"] for m in members if m is not None)}
-                          for group, members in groups.items()]}
+    entries = []
+    for group, members in groups.items():
+        present = [m for m in members if m is not None]
+        missing = [i for i, m in enumerate(members) if m is None]
+        entry = {"name": group, "complete": not missing, "members": [None if m is None else m["name"] for m in members],
+                 "prefix": present[0].get("prefix", ""), "age_s": max(m.get("age_s", 0.0) for m in present),
+                 "banks": present[0].get("banks", {}), "pinned": all(m.get("pinned", False) for m in present),
+                 "verified": all(m.get("verified", False) for m in present)}
+        if missing:
+            entry["error"] = f"incomplete: shard(s) {missing} have no part of it"
+        entries.append(entry)
+    directories = [listing.get("directory") for listing in listings]
+    return {"directory": None if all(d is None for d in directories) else ", ".join(map(str, directories)),
+            "shards": listings, "snapshots": sorted(entries, key=lambda e: e["age_s"])}

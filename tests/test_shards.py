@@ -422,3 +422,36 @@ def test_the_parts_of_a_bank_start_as_the_whole_bank_does(init: str) -> None:
         assert torch.equal(initial_rows(5000, 64, "uniform", 3), torch.rand(5000, 64, generator=gen) * (2 * bound) - bound)
     else:
         torch.testing.assert_close(whole.norm(dim=1), torch.ones(10))
+
+
+def test_the_cli_commands_take_a_list_of_shards(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from fgc_bank.cli import main
+
+    procs = []
+    for i in range(2):
+        (tmp_path / f"s{i}").mkdir()
+        procs.append(start_server(tmp_path / f"s{i}", "--shard", f"{i}/2", "--snapshot-dir", str(tmp_path / f"s{i}" / "snaps")))
+    address = ",".join(a for _, a in procs)
+    try:
+        with connect(address) as bank:
+            bank.create("feat/7", 100, 8)
+        run = CliRunner()
+        made = run.invoke(main, ["snapshot", address])
+        assert made.exit_code == 0 and made.output.startswith("shards2-"), made.output
+        group = made.output.split()[0]
+        listed = run.invoke(main, ["ls", address])
+        assert listed.exit_code == 0 and group in listed.output and "feat/7" in listed.output, listed.output
+        shown = run.invoke(main, ["info", address])
+        assert shown.exit_code == 0 and "-- shard 0/2" in shown.output and "-- shard 1/2" in shown.output, shown.output
+        assert run.invoke(main, ["drop", address, "feat/7"]).exit_code == 0
+        restored = run.invoke(main, ["restore", address, group])
+        assert restored.exit_code == 0 and f"restored {group}: 1 banks" in restored.output, restored.output
+        with connect(address) as bank:
+            assert bank.info("feat/7")["rows"] == 100
+        refused = run.invoke(main, ["restore", address, "shards2-nothing"])
+        assert refused.exit_code == 1 and "not complete" in refused.output and "Traceback" not in refused.output
+    finally:
+        for proc, _ in procs:
+            stop_server(proc)
