@@ -217,8 +217,9 @@ class _Filter:
     safe: torch.Tensor
 
 
-def _norms(x: torch.Tensor) -> torch.Tensor:
-    """(n, D) float32 or bfloat16 -> (n,) float64 upper bounds of the exact row norms."""
+def norm_bounds(x: torch.Tensor) -> torch.Tensor:
+    """(n, D) float32 or bfloat16 -> (n,) float64 upper bounds of the exact row norms, on the
+    rows' device (the torch twin of ``prefilter.norm_bounds``; the bank checks tensors with it)."""
     d = x.shape[1]
     return torch.linalg.vector_norm(x.double(), dim=1) * (1.0 + (d + 4) * NORM_SLACK)
 
@@ -407,9 +408,9 @@ class TorchStore(RowStore):
         """The queries' bfloat16 values, margins and range guard (the module's docstring)."""
         d = self.dim
         low = queries.to(torch.bfloat16)  # (b, D)
-        q = _norms(queries)  # (b,) float64
-        q_low = _norms(low)
-        q_error = _norms(queries.double() - low.double())  # the difference is exact in float64
+        q = norm_bounds(queries)  # (b,) float64
+        q_low = norm_bounds(low)
+        q_error = norm_bounds(queries.double() - low.double())  # the difference is exact in float64
         acc = ACCUMULATION * d * U_FP32
         rounding = q_error * row_norm + q_low * row_error
         sums = acc * (q_low * (row_norm + row_error) + q * row_norm)
@@ -477,8 +478,8 @@ class TorchStore(RowStore):
     def _refresh(self, index: torch.Tensor | slice, rows: torch.Tensor) -> None:
         """The bfloat16 copy and the two norms of rows ``index`` (values ``rows`` (S, D))."""
         low = rows.to(torch.bfloat16)  # (S, D)
-        norms = _norms(rows)  # (S,) float64
-        errors = _norms(rows.double() - low.double())  # the difference is exact in float64
+        norms = norm_bounds(rows)  # (S,) float64
+        errors = norm_bounds(rows.double() - low.double())  # the difference is exact in float64
         if isinstance(index, slice):
             self.low[index] = low
             self.norms[index] = norms
