@@ -2,7 +2,9 @@
 
 One run measures, at each workload's shape (B = 256): the GPU's float32 and bfloat16 GEMM rates
 (turned into compute bounds, 2 N D flops a query), the paper's float32 ``torch.mm`` + ``topk``,
-the torch store in process, momentum-update rows per second, and ``fgc-bank serve --device cuda``
+the torch store in process, ``faiss.knn_gpu`` on the same rows where FAISS built for GPUs is
+importable (the ``faiss-gpu`` engine's search; "not installed" otherwise), momentum-update rows
+per second, and ``fgc-bank serve --device cuda``
 over loopback with 1 and 8 client processes. It prints one table and writes ``gpu.json``.
 ``make gpu-check`` runs it after the GPU tests::
 
@@ -30,7 +32,7 @@ from fgc_bank.bank import momentum_update_
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
-        _sync(device)
+        torch.cuda.synchronize(device)
 
 
 TARGETS = {"server_8_clients_qps": 50_000, "store_vs_paper": 5.0, "store_vs_bf16_bound": 0.30,
@@ -104,11 +106,16 @@ def run_all(device: str, workloads: list[str] | None = None, requests: int = 40,
     name = torch.cuda.get_device_name(where) if where.type == "cuda" else "cpu"
     print(f"{name}: GEMM float32 {peaks['fp32_tflops']:.1f} TFLOP/s, bfloat16 {peaks['bf16_tflops']:.1f} TFLOP/s")
     results = [run(WORKLOADS[w], where, requests, peaks) for w in workloads or ["cifar", "imagenet-128", "imagenet-512"]]
-    keys = ["float32_mm_topk_qps", "torch_store_qps", "store_vs_paper", "store_vs_bf16_bound",
+    keys = ["float32_mm_topk_qps", "torch_store_qps", "faiss_knn_gpu_qps", "store_vs_paper", "store_vs_bf16_bound",
             "server_1_clients_qps", "server_8_clients_qps", "update_rows_per_s", "fallbacks"]
     print("workload".ljust(14) + "".join(k.ljust(22) for k in keys))
     for r in results:
-        print(r["workload"].ljust(14) + "".join(f"{r[k]:<22.4g}" for k in keys))
+        print(r["workload"].ljust(14) + "".join(_cell(r.get(k)) for k in keys))
+    for r in results:
+        if "faiss_knn_gpu_qps" in r:
+            print(f"{r['workload']}: torch store / faiss.knn_gpu = {r['store_vs_faiss_knn_gpu']:.3g} (same rows, same GPU)")
+        else:
+            print(f"{r['workload']}: faiss.knn_gpu {r['faiss_knn_gpu']}")
     for r in results:
         if r["workload"] == "imagenet-512":
             for key, goal in TARGETS.items():
@@ -117,6 +124,11 @@ def run_all(device: str, workloads: list[str] | None = None, requests: int = 40,
     (out_dir / "gpu.json").write_text(json.dumps({"device": name, "peaks": peaks, "results": results}, indent=2))
     chart(results, name, out_dir / "gpu.png")
     return results
+
+
+def _cell(value: float | None) -> str:
+    """A table cell: the number, or "not installed" for a contender that did not run."""
+    return ("not installed" if value is None else f"{value:.4g}").ljust(22)
 
 
 def missed(results: list[dict[str, Any]]) -> list[str]:
@@ -128,6 +140,7 @@ def missed(results: list[dict[str, Any]]) -> list[str]:
 
 SERIES = (("float32_mm_topk_qps", "paper: float32 torch.mm + topk", "#999999", "//"),
           ("torch_store_qps", "fgc-bank torch store, in process", "#1f77b4", ""),
+          ("faiss_knn_gpu_qps", "faiss.knn_gpu (engine faiss-gpu), in process", "#2ca02c", "\\\\"),
           ("server_1_clients_qps", "fgc-bank server, 1 client", "#ff7f0e", ""),
           ("server_8_clients_qps", "fgc-bank server, 8 clients", "#d62728", ""))
 
@@ -141,10 +154,11 @@ def chart(results: list[dict[str, Any]], device: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    width = 0.8 / len(SERIES)
-    for i, (key, label, colour, hatch) in enumerate(SERIES):
-        xs = [j + (i - (len(SERIES) - 1) / 2) * width for j in range(len(results))]
-        ax.bar(xs, [r[key] for r in results], width, label=label, color=colour, hatch=hatch, edgecolor="black")
+    series = [s for s in SERIES if any(s[0] in r for r in results)]  # faiss.knn_gpu where installed
+    width = 0.8 / len(series)
+    for i, (key, label, colour, hatch) in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(results))]
+        ax.bar(xs, [r.get(key, 0) for r in results], width, label=label, color=colour, hatch=hatch, edgecolor="black")
     for j, r in enumerate(results):
         ax.plot([j - 0.4, j + 0.4], [r["bf16_bound_qps"]] * 2, color="black", linestyle="--",
                 label="bfloat16 GEMM bound" if j == 0 else None)

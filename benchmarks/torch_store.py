@@ -3,7 +3,9 @@
 ``benchmark(device, n, d, b, k, repeats)`` times :meth:`TorchStore.search` and the paper's
 float32 ``torch.mm`` + ``topk`` over the same unit rows and queries on the same device (CUDA
 synchronised around every timed call) and returns each one's queries per second (the median
-repetition). Run it as ``python -m benchmarks.torch_store --device cuda --n 1281167 --d 512``.
+repetition). On a GPU with FAISS built for GPUs importable, ``faiss.knn_gpu`` is timed on the
+same tensor too (the ``faiss-gpu`` engine's search); otherwise ``faiss_knn_gpu`` says why not.
+Run it as ``python -m benchmarks.torch_store --device cuda --n 1281167 --d 512``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any
 import torch
 
 from benchmarks.timing import Stats
+from fgc_bank.errors import BankError
+from fgc_bank.stores.faiss_gpu import MAX_GPU_K, gpu_faiss, gpu_resources
 from fgc_bank.stores.torch_store import TorchStore, ieee_float32
 
 
@@ -56,18 +60,42 @@ def benchmark(device: str | torch.device = "cpu", n: int = 50_000, d: int = 64, 
 
     stats = {"torch_store": _seconds(lambda: store.search(queries, k), device, repeats),
              "float32_mm_topk": _seconds(paper, device, repeats)}
+    knn_gpu, why_not = _faiss_knn_gpu(store.rows, queries, k)
+    if knn_gpu is not None:
+        stats["faiss_knn_gpu"] = _seconds(knn_gpu, device, repeats)
     store.search(queries, k)
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "n": n, "d": d, "b": b, "k": k, "repeats": repeats,
         "kernel_output": "float32" if store._output_rounding == 0 else "bfloat16",
-        "fallbacks": store.last_fallbacks,
+        "fallbacks": store.last_fallbacks, "faiss_knn_gpu": why_not or "timed",
     }
     for name, s in stats.items():
         result[f"{name}_qps"] = b / s.median
         result[f"{name}_spread"] = s.spread
     result["speedup"] = result["torch_store_qps"] / result["float32_mm_topk_qps"]
+    if knn_gpu is not None:
+        result["store_vs_faiss_knn_gpu"] = result["torch_store_qps"] / result["faiss_knn_gpu_qps"]
     return result
+
+
+def _faiss_knn_gpu(rows: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[Callable[[], object] | None, str | None]:
+    """``faiss.knn_gpu`` of ``queries`` against ``rows`` in place (inner product, float32), as
+    the ``faiss-gpu`` engine calls it; or None and why it cannot run here ("not installed: ...")."""
+    try:
+        faiss = gpu_faiss(rows.device)
+    except BankError as exc:
+        return None, f"not installed: {exc.message}"
+    if k > MAX_GPU_K:
+        return None, f"k = {k} is above FAISS's GPU limit {MAX_GPU_K}"
+    resources = gpu_resources(faiss, rows.device)
+
+    def search() -> object:
+        with torch.cuda.device(rows.device):
+            return faiss.knn_gpu(resources, queries, rows, k, metric=faiss.METRIC_INNER_PRODUCT,
+                                 device=rows.device.index)
+
+    return search, None
 
 
 def main() -> None:

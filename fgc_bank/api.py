@@ -22,36 +22,70 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 30.0
 
 
-def as_ids(ids: Any, what: str = "ids") -> np.ndarray:
-    """Any integer array-like (numpy, CPU or CUDA torch tensor, list) -> (B,) int64."""
-    array = np.asarray(ids.detach().cpu() if hasattr(ids, "detach") else ids)
-    if array.dtype.kind not in "iu":
-        raise BankError(ErrorCode.BAD_DTYPE, f"{what} must be integers, got {array.dtype}")
+def is_tensor(value: Any) -> bool:
+    """Whether ``value`` is a torch tensor (told without importing torch)."""
+    return hasattr(value, "detach") and hasattr(value, "device")
+
+
+def _kind(dtype: Any) -> str:
+    """numpy's dtype kind letter ("f", "i", "u", "b", "c", ...) of a numpy or torch dtype."""
+    if isinstance(dtype, np.dtype):
+        return dtype.kind
+    if dtype.is_complex:
+        return "c"
+    if dtype.is_floating_point:
+        return "f"
+    return "b" if str(dtype) == "torch.bool" else "i" if dtype.is_signed else "u"
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def as_ids(ids: Any, what: str = "ids", keep_tensor: bool = False) -> Any:
+    """Any integer array-like (numpy, CPU or CUDA torch tensor, list) -> (B,) int64 numpy; with
+    ``keep_tensor`` a torch tensor stays one, int64 on its own device (the in-process bank)."""
+    tensor = is_tensor(ids)
+    array = ids.detach() if tensor and keep_tensor else np.asarray(ids.detach().cpu() if tensor else ids)
+    if _kind(array.dtype) not in "iu":
+        raise BankError(ErrorCode.BAD_DTYPE, f"{what} must be integers, got {_dtype_name(array.dtype)}")
+    if tensor and keep_tensor:
+        import torch
+
+        return array.to(torch.int64).contiguous()
     return np.ascontiguousarray(array, dtype=np.int64)
 
 
-def as_rows(rows: Any) -> np.ndarray:
-    """Any float array-like -> C-contiguous float32 (a no-op for float32 numpy input)."""
-    array = np.asarray(rows.detach().cpu() if hasattr(rows, "detach") else rows)
-    if array.dtype.kind not in "fiu":
-        raise BankError(ErrorCode.BAD_DTYPE, f"rows must be numeric, got {array.dtype}")
+def as_rows(rows: Any, keep_tensor: bool = False) -> Any:
+    """Any float array-like -> C-contiguous float32 numpy (a no-op for float32 numpy input); with
+    ``keep_tensor`` a torch tensor stays one, float32 on its own device (the in-process bank)."""
+    tensor = is_tensor(rows)
+    array = rows.detach() if tensor and keep_tensor else np.asarray(rows.detach().cpu() if tensor else rows)
+    if _kind(array.dtype) not in "fiu":
+        raise BankError(ErrorCode.BAD_DTYPE, f"rows must be numeric, got {_dtype_name(array.dtype)}")
+    if tensor and keep_tensor:
+        import torch
+
+        return array.to(torch.float32).contiguous()
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
-def _update_request(name: str, ids: Any, rows: Any, mode: str) -> Request:
-    return Request("update", name, {"mode": mode}, {"ids": as_ids(ids), "rows": as_rows(rows)})
+def _update_request(name: str, ids: Any, rows: Any, mode: str, keep: bool = False) -> Request:
+    return Request("update", name, {"mode": mode}, {"ids": as_ids(ids, keep_tensor=keep),
+                                                     "rows": as_rows(rows, keep)})
 
 
-def _knn_request(name: str, queries: Any, k: int, exclude: Any) -> Request:
-    arrays = {"queries": as_rows(queries)}
+def _knn_request(name: str, queries: Any, k: int, exclude: Any, keep: bool = False) -> Request:
+    arrays = {"queries": as_rows(queries, keep)}
     if exclude is not None:
-        arrays["exclude"] = as_ids(exclude, "exclude")
+        arrays["exclude"] = as_ids(exclude, "exclude", keep)
     return Request("knn", name, {"k": int(k)}, arrays)
 
 
-def _knn_update_request(name: str, ids: Any, features: Any, k: int, step: int | None = None) -> Request:
+def _knn_update_request(name: str, ids: Any, features: Any, k: int, step: int | None = None,
+                        keep: bool = False) -> Request:
     args = {"k": int(k)} if step is None else {"k": int(k), "step": int(step)}
-    return Request("knn_update", name, args, {"ids": as_ids(ids), "features": as_rows(features)})
+    return Request("knn_update", name, args, {"ids": as_ids(ids, keep_tensor=keep), "features": as_rows(features, keep)})
 
 
 def _version(reply: Reply) -> int:
@@ -64,12 +98,15 @@ def _knn_result(reply: Reply) -> KnnResult:
 
 def _as_given(example: Any, decode: Callable[[Reply], T]) -> Callable[[Reply], T]:
     """``decode``, giving its arrays back as torch tensors on ``example``'s device when the caller
-    passed a torch tensor (as ``faiss.contrib.torch_utils`` does); numpy callers never load torch."""
-    if not hasattr(example, "detach") or not hasattr(example, "device"):
+    passed a torch tensor (as ``faiss.contrib.torch_utils`` does); numpy callers never load torch.
+    A tensor answer (the in-process bank's) already on that device is given back as it is."""
+    if not is_tensor(example):
         return decode
     device = example.device
 
-    def convert(array: np.ndarray) -> Any:
+    def convert(array: Any) -> Any:
+        if is_tensor(array):
+            return array.to(device)  # a no-op on the same device; a blocking copy otherwise
         import torch
 
         return torch.from_numpy(array).to(device, non_blocking=True)
@@ -88,6 +125,7 @@ class BankHandle(abc.ABC):
 
     address: str
     timeout: float = DEFAULT_TIMEOUT_S
+    keeps_tensors: bool = False  # requests carry torch tensors as given (in-process only), not numpy
 
     @abc.abstractmethod
     def _submit(self, request: Request, decode: Callable[[Reply], T]) -> concurrent.futures.Future[T]:
@@ -132,20 +170,20 @@ class BankHandle(abc.ABC):
     def update_async(self, name: str, ids: Any, rows: Any, *, mode: str = "momentum") -> concurrent.futures.Future[int]:
         """Write ``rows`` (B, D) into ``ids`` (B,): FGC's momentum rule, or ``mode="overwrite"``.
         Resolves to the bank's version (update count) after this update."""
-        return self._submit(_update_request(name, ids, rows, mode), _version)
+        return self._submit(_update_request(name, ids, rows, mode, self.keeps_tensors), _version)
 
     def update(self, name: str, ids: Any, rows: Any, *, mode: str = "momentum") -> int:
         """Blocking :meth:`update_async`; returns the bank's version after the update."""
-        return self._call(_update_request(name, ids, rows, mode), _version)
+        return self._call(_update_request(name, ids, rows, mode, self.keeps_tensors), _version)
 
     def knn_async(self, name: str, queries: Any, k: int, *, exclude: Any = None) -> concurrent.futures.Future[KnnResult]:
         """Top-k rows by inner product for each query (B, D); ``exclude`` (B,) drops one id each.
         Scores and ids come back as the queries came: numpy, or torch on the queries' device."""
-        return self._submit(_knn_request(name, queries, k, exclude), _as_given(queries, _knn_result))
+        return self._submit(_knn_request(name, queries, k, exclude, self.keeps_tensors), _as_given(queries, _knn_result))
 
     def knn(self, name: str, queries: Any, k: int, *, exclude: Any = None) -> KnnResult:
         """Blocking :meth:`knn_async`."""
-        return self._call(_knn_request(name, queries, k, exclude), _as_given(queries, _knn_result))
+        return self._call(_knn_request(name, queries, k, exclude, self.keeps_tensors), _as_given(queries, _knn_result))
 
     def knn_update_async(self, name: str, ids: Any, features: Any, k: int, *,
                          step: int | None = None) -> concurrent.futures.Future[KnnResult]:
@@ -154,15 +192,18 @@ class BankHandle(abc.ABC):
         With ``step`` (the global training step), every rank's request of that step searches the
         bank as it was at the end of the previous step and the step's updates are applied in a
         fixed order when it ends: N ranks compute what one process with the global batch does."""
-        return self._submit(_knn_update_request(name, ids, features, k, step), _as_given(features, _knn_result))
+        request = _knn_update_request(name, ids, features, k, step, self.keeps_tensors)
+        return self._submit(request, _as_given(features, _knn_result))
 
     def knn_update(self, name: str, ids: Any, features: Any, k: int, *, step: int | None = None) -> KnnResult:
         """Blocking :meth:`knn_update_async`."""
-        return self._call(_knn_update_request(name, ids, features, k, step), _as_given(features, _knn_result))
+        request = _knn_update_request(name, ids, features, k, step, self.keeps_tensors)
+        return self._call(request, _as_given(features, _knn_result))
 
     def gather(self, name: str, ids: Any) -> np.ndarray:
         """Rows ``ids`` (B,) -> (B, D) float32."""
-        return self._call(Request("gather", name, {}, {"ids": as_ids(ids)}), _as_given(ids, lambda r: r.arrays["rows"]))
+        request = Request("gather", name, {}, {"ids": as_ids(ids, keep_tensor=self.keeps_tensors)})
+        return self._call(request, _as_given(ids, lambda r: r.arrays["rows"]))
 
     def sample(self, name: str, m: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """``m`` distinct ids drawn with ``seed`` (sorted) and their rows."""

@@ -8,7 +8,9 @@ A bank is the coordination (validation, its lock, its version, the update rule, 
 execution of queued ops and its exactness replay); its rows and their search live in a row store
 (``fgc_bank.stores``: on the CPU, or a torch tensor on any device), updated where they are, never
 by rebuilding an index. Work between the bank and its store is done in torch on the store's
-device; what the bank answers is numpy on the host.
+device. Requests' arrays are numpy (a server's received frames) or torch tensors (an in-process
+caller's, on any device); every check runs on them where they are, and answers come back as the
+request came: numpy on the host, or tensors on the store's device (never through the host).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import math
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +29,7 @@ from fgc_bank.errors import BankError, ErrorCode, quote
 from fgc_bank.results import KnnResult
 from fgc_bank.stores import Placement, RowStore
 from fgc_bank.stores.cpu.prefilter import norm_bounds
+from fgc_bank.stores.torch_store import norm_bounds as tensor_norm_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +37,8 @@ INITS = ("uniform", "unit")
 UPDATE_MODES = ("momentum", "overwrite")
 MAX_K = 2048  # the largest k a search answers: FAISS's GPU search stops here, so a bank on a GPU can too
 MAX_NORM = 2.0**63  # rows and queries have smaller norms, so every score |q.r| <= |q||r| < 2^126 is finite
+
+Array = np.ndarray | torch.Tensor  # a request's array: numpy (from the wire) or a torch tensor (in process)
 
 
 @torch.no_grad()
@@ -171,16 +177,49 @@ class BankConfig:
         return (store or Placement.resolve().store).nbytes(held or self.rows, self.dim)
 
 
-def _check_values(values: np.ndarray, what: str, scored: bool) -> None:
+def _count(values: Array) -> int:
+    """Elements of a numpy array or a tensor (``size`` is a method on tensors)."""
+    return math.prod(values.shape)
+
+
+def _extremes(values: Array) -> tuple[Any, Any]:
+    """(min, max) of a non-empty numpy array or tensor as Python numbers, NaN passed on (a
+    tensor's two read back together: one wait on a GPU)."""
+    if isinstance(values, np.ndarray):
+        return values.min().item(), values.max().item()
+    low, high = torch.stack(torch.aminmax(values)).tolist()
+    return low, high
+
+
+def _distinct(ids: Array) -> bool:
+    """Whether no id repeats."""
+    unique = np.unique(ids).size if isinstance(ids, np.ndarray) else torch.unique(ids).numel()
+    return unique == _count(ids)
+
+
+def _dtype_name(values: Array) -> str:
+    """``float32``, ``int64``, ... for numpy and torch alike (as numpy prints its dtypes)."""
+    return str(values.dtype).removeprefix("torch.")
+
+
+def _largest_norm(values: Array) -> float:
+    """An upper bound of the largest row norm, in float64 chunks (no float64 copy of the whole)."""
+    step = max(1, (1 << 22) // values.shape[1])
+    bounds = norm_bounds if isinstance(values, np.ndarray) else tensor_norm_bounds
+    return max(float(bounds(values[i:i + step]).max()) for i in range(0, len(values), step))
+
+
+def _check_values(values: Array, what: str, scored: bool) -> None:
     """Refuse NaN and Inf, and, where ``scored``, rows of norm ``MAX_NORM`` or more. min and max
     make no temporary the size of ``values`` (a restored bank's rows) and pass NaN on; the exact
     norms are only computed when the largest magnitude says one could be that large."""
-    low, high = float(values.min(initial=0.0)), float(values.max(initial=0.0))
+    if _count(values) == 0:
+        return
+    low, high = (float(x) for x in _extremes(values))
     if not (math.isfinite(low) and math.isfinite(high)):
         raise BankError(ErrorCode.NOT_FINITE, f"{what} contains NaN or Inf")
     if scored and max(-low, high) * math.sqrt(values.shape[1]) >= MAX_NORM:
-        step = max(1, (1 << 22) // values.shape[1])
-        largest = max(float(norm_bounds(values[i:i + step]).max()) for i in range(0, len(values), step))
+        largest = _largest_norm(values)
         if largest >= MAX_NORM:
             raise BankError(ErrorCode.NOT_FINITE, f"{what} has a row of norm {largest:.3g}: norms must be below "
                             f"2^63 (~9.2e18), or float32 scores could overflow")
@@ -190,17 +229,17 @@ def _check_values(values: np.ndarray, what: str, scored: bool) -> None:
 class Search:
     """kNN of ``queries`` (B, D) float32; ``exclude`` (B,) int64 drops one id per query (-1: none)."""
 
-    queries: np.ndarray
+    queries: Array
     k: int
-    exclude: np.ndarray | None = None
+    exclude: Array | None = None
 
 
 @dataclass(frozen=True)
 class Update:
     """Write ``values`` (B, D) into rows ``ids`` (B,), by momentum or overwrite."""
 
-    ids: np.ndarray
-    values: np.ndarray
+    ids: Array
+    values: Array
     mode: str = "momentum"
 
 
@@ -209,8 +248,8 @@ class SearchUpdate:
     """FGC's fused step: search with the rows as they were (own id excluded), then update ``ids``.
     With a ``step`` (a training step, >= 0) it is step-consistent: see :class:`MemoryBank`."""
 
-    ids: np.ndarray
-    features: np.ndarray
+    ids: Array
+    features: Array
     k: int
     step: int | None = None
 
@@ -271,7 +310,8 @@ class MemoryBank:
                          "coalesced_calls": 0, "closed_step": -1}
         self.lock = threading.Lock()
         self._step: int | None = None  # the open training step, whose updates wait in _pending
-        self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # (ids, features) of its requests
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (ids, features) of its requests, on the device
+        self._copying = False  # a GPU-to-host copy of an answer was started: _landed waits for it
 
     def info(self) -> dict:
         """Config, counters, the ids held ([lo, hi): all of them but on a shard), and where the
@@ -302,16 +342,33 @@ class MemoryBank:
             self._close_step()
             return self.store.export()
 
-    def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        """A request's array as a tensor on the store's device. CPU store: no copy for a writable
+    def _tensor(self, array: Array, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A request's array as a tensor (of ``dtype``: as it is by default) on the store's device.
+        A tensor is moved or cast only where it differs. Numpy, CPU store: no copy for a writable
         array (a received frame is read-only: copied once). GPU: copied into a pinned host buffer
         (torch's caching host allocator reuses them) and sent with one asynchronous copy."""
+        if isinstance(array, torch.Tensor):
+            return array.to(self.store.device, dtype or array.dtype)
+        if dtype is not None:
+            array = np.asarray(array, _NUMPY_DTYPES[dtype])
         if self.store.device.type == "cpu":
             array = np.ascontiguousarray(array)  # a caller's view may be strided (ids[::-1])
             return torch.from_numpy(array if array.flags.writeable else array.copy())
         pinned = torch.empty(array.shape, dtype=_TORCH_DTYPES[array.dtype], pin_memory=True)
         pinned.numpy()[...] = array
         return pinned.to(self.store.device, non_blocking=True)
+
+    def _owned(self, array: Array, dtype: torch.dtype) -> torch.Tensor:
+        """A copy of a request's array on the store's device that its sender can no longer
+        change (a held update outlives the request: frames are reused, tensors written)."""
+        if isinstance(array, torch.Tensor):
+            return array.to(self.store.device, dtype, copy=True)
+        return self._tensor(np.array(array, _NUMPY_DTYPES[dtype]))  # writable: the CPU store takes it as it is
+
+    def _answer(self, like: Array, tensor: torch.Tensor) -> Array:
+        """A result as the request came (``like`` one of its arrays): a tensor stays a tensor on
+        the store's device; numpy gets :meth:`_host`'s copy."""
+        return tensor if isinstance(like, torch.Tensor) else self._host(tensor)
 
     def _host(self, tensor: torch.Tensor) -> np.ndarray:
         """A result as numpy on the host: no copy from a CPU store; from a GPU, one asynchronous
@@ -320,64 +377,67 @@ class MemoryBank:
             return tensor.detach().contiguous().numpy()
         pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         pinned.copy_(tensor, non_blocking=True)
+        self._copying = True
         return pinned.numpy()
 
     def _landed(self) -> None:
-        """Wait for the copies :meth:`_host` started (a GPU store only)."""
-        if self.store.device.type == "cuda":
+        """Wait for the copies :meth:`_host` started (a GPU store's numpy answers only: tensor
+        answers are left to the stream, in order with the caller's work)."""
+        if self._copying:
+            self._copying = False
             torch.cuda.current_stream(self.store.device).synchronize()  # SYNC: the answers are read next
 
     # -- validation: everything that crosses a socket is checked before it touches the rows ------
 
-    def _check_ids(self, ids: np.ndarray, what: str, allow_negative: bool = False) -> None:
+    def _check_ids(self, ids: Array, what: str, allow_negative: bool = False) -> None:
         if ids.ndim != 1:
             raise BankError(ErrorCode.BAD_SHAPE, f"{what} must be 1-D, got shape {list(ids.shape)}")
-        if ids.size == 0:
+        if _count(ids) == 0:
             return
-        low, high = int(ids.min()), int(ids.max())
+        low, high = (int(x) for x in _extremes(ids))
         if (low < (-1 if allow_negative else 0)) or high >= self.config.rows:
             bad = low if low < 0 else high
             raise BankError(ErrorCode.ID_OUT_OF_RANGE, f"{what} contains id {bad}; bank "
                             f"{self.config.name!r} has rows 0..{self.config.rows - 1}")
 
-    def _check_held(self, ids: np.ndarray, what: str, span: tuple[int, int] | None = None) -> None:
+    def _check_held(self, ids: Array, what: str, span: tuple[int, int] | None = None) -> None:
         """Ids written or read here must be held here (``span``, by default this bank's ids: a
         shard holds a range of them)."""
         self._check_ids(ids, what)
         lo, hi = span or (self.first, self.first + self.size)
-        if (lo, hi) != (0, self.config.rows) and ids.size:
-            low, high = int(ids.min()), int(ids.max())
+        if (lo, hi) != (0, self.config.rows) and _count(ids):
+            low, high = (int(x) for x in _extremes(ids))
             if low < lo or high >= hi:
                 raise BankError(ErrorCode.ID_OUT_OF_RANGE, f"{what} contains id {low if low < lo else high}; "
                                 f"this shard of bank {self.config.name!r} holds ids {lo}..{hi - 1} "
                                 "(send each id to the shard that holds it)")
 
-    def _local(self, ids: np.ndarray) -> np.ndarray:
+    def _local(self, ids: Array) -> Array:
         """Held ids (global) -> row positions in the store."""
         return ids - self.first if self.first else ids
 
-    def _held_part(self, ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _held_part(self, ids: Array, values: Array) -> tuple[Array, Array]:
         """Of a step's ids (global) and their values, those held here, as row positions."""
         if not self.partial:
             return ids, values
         held = (ids >= self.first) & (ids < self.first + self.size)
         return ids[held] - self.first, values[held]
 
-    def _local_exclude(self, exclude: np.ndarray) -> np.ndarray:
+    def _local_exclude(self, exclude: torch.Tensor) -> torch.Tensor:
         """Ids to exclude (global; -1: none) -> row positions, -2 where the id is not held here."""
         if not self.partial:
             return exclude
         held = (exclude >= self.first) & (exclude < self.first + self.size)
-        return np.where(held, exclude - self.first, -2)
+        return torch.where(held, exclude - self.first, -2)
 
-    def _check_rows(self, rows: np.ndarray, what: str, count: int | None, scored: bool = True) -> None:
+    def _check_rows(self, rows: Array, what: str, count: int | None, scored: bool = True) -> None:
         if rows.ndim != 2 or rows.shape[1] != self.config.dim:
             raise BankError(ErrorCode.BAD_SHAPE, f"{what} must be (B, {self.config.dim}) for bank "
                             f"{self.config.name!r}, got shape {list(rows.shape)}")
         if count is not None and rows.shape[0] != count:
             raise BankError(ErrorCode.BAD_SHAPE, f"{what} has {rows.shape[0]} rows but {count} ids were given")
-        if rows.dtype != np.float32:
-            raise BankError(ErrorCode.BAD_DTYPE, f"{what} must be float32, got {rows.dtype}")
+        if _dtype_name(rows) != "float32":
+            raise BankError(ErrorCode.BAD_DTYPE, f"{what} must be float32, got {_dtype_name(rows)}")
         _check_values(rows, what, scored)
 
     def _check_k(self, k: int, excluding: bool) -> None:
@@ -393,8 +453,8 @@ class MemoryBank:
         if count == 0:
             raise BankError(ErrorCode.BAD_SHAPE, f"a search needs at least one query; {what} has none")
 
-    def _check_distinct(self, ids: np.ndarray) -> None:
-        if ids.size > 1 and np.unique(ids).size != ids.size:
+    def _check_distinct(self, ids: Array) -> None:
+        if _count(ids) > 1 and not _distinct(ids):
             raise BankError(ErrorCode.DUPLICATE_IDS, "ids of one update must be distinct "
                             "(a repeated id would make the update depend on order)")
 
@@ -429,12 +489,13 @@ class MemoryBank:
 
     # -- operations ---------------------------------------------------------------------------
 
-    def gather(self, ids: np.ndarray) -> np.ndarray:
-        """Rows ``ids`` (B,) -> (B, D) float32 copy."""
+    def gather(self, ids: Array) -> Array:
+        """Rows ``ids`` (B,) -> (B, D) float32 copy (numpy, or a tensor on the store's device for
+        tensor ids)."""
         self._check_held(ids, "ids")
         with self.lock:
             self._close_step()
-            rows = self._host(self.store.read(self._tensor(self._local(np.asarray(ids, np.int64)))))
+            rows = self._answer(ids, self.store.read(self._local(self._tensor(ids, torch.int64))))
             self._landed()
             return rows
 
@@ -474,8 +535,7 @@ class MemoryBank:
             changes = sum(op.ids.shape[0] for op in ops[:-1] if not isinstance(op, Search))
             changes += sum(p[0].shape[0] for p in self._pending) if "close" in plan else 0
             depth = self._depth(searches, changes)
-            queries = self._tensor(np.concatenate([self._queries(op) for op in searches])) if len(searches) > 1 \
-                else self._tensor(self._queries(searches[0]))
+            queries = self._batch([self._queries(op) for op in searches])
             scores, ids = self._search(queries, depth)
             self.counters["searches"] += len(searches)
             self.counters["queries"] += queries.shape[0]
@@ -506,29 +566,39 @@ class MemoryBank:
         return plan
 
     def _close_step(self) -> torch.Tensor | None:
-        """Apply the open step's updates in their fixed order; the ids written (None if none)."""
+        """Apply the open step's updates in their fixed order; the ids written (None if none).
+        Done on the store's device: the held requests are already there."""
         if self._step is None:
             return None
         self.counters["closed_step"], self._step = self._step, None
         pending, self._pending = self._pending, []
         if not pending:
             return None
-        ids = np.concatenate([p[0] for p in pending])
-        values = np.concatenate([p[1] for p in pending])
+        ids = torch.cat([p[0] for p in pending])  # (S,) int64 row positions
+        values = torch.cat([p[1] for p in pending])  # (S, D) float32
         if not len(ids):  # a shard that holds none of the step's ids
             return None
-        order = np.argsort(ids, kind="stable")
-        if (np.diff(ids[order]) == 0).any():  # a row written twice: by its values' bits, not by arrival
-            order = np.lexsort((*values.view(np.uint32).T[::-1], ids))
+        order = torch.argsort(ids, stable=True)
+        if bool((ids[order].diff() == 0).any()):  # a row written twice: by its values' bits, not by arrival
+            order = _by_id_then_bits(ids, values)
         ids, values = ids[order], values[order]
-        occurrence = np.arange(len(ids)) - np.searchsorted(ids, ids)  # 0 for a row's first write
+        occurrence = torch.arange(len(ids), device=ids.device) - torch.searchsorted(ids, ids)  # 0: a row's first write
         written = [self._apply_update(ids[occurrence == r], values[occurrence == r], "momentum")
                    for r in range(int(occurrence.max()) + 1)]
         return torch.unique(torch.cat(written))
 
     @staticmethod
-    def _queries(op: Search | SearchUpdate) -> np.ndarray:
+    def _queries(op: Search | SearchUpdate) -> Array:
         return op.queries if isinstance(op, Search) else op.features
+
+    def _batch(self, queries: list[Array]) -> torch.Tensor:
+        """The searches' queries (B, D) as one tensor on the store's device; numpy ones are
+        joined on the host first, so that they cross to a GPU in one copy."""
+        if len(queries) == 1:
+            return self._tensor(queries[0])
+        if all(isinstance(q, np.ndarray) for q in queries):
+            return self._tensor(np.concatenate(queries))
+        return torch.cat([self._tensor(q) for q in queries])
 
     def _depth(self, searches: list[Search | SearchUpdate], changes: int) -> int:
         base = max(op.k + (0 if isinstance(op, Search) and op.exclude is None else 1) for op in searches)
@@ -573,7 +643,7 @@ class MemoryBank:
             rows = slice(offset, offset + self._queries(op).shape[0])
             offset = rows.stop
             exclude = op.ids if isinstance(op, SearchUpdate) else op.exclude
-            exclude = None if exclude is None else self._tensor(self._local_exclude(np.asarray(exclude, np.int64)))
+            exclude = None if exclude is None else self._local_exclude(self._tensor(exclude, torch.int64))
             stale = torch.unique(torch.cat(changed)) if changed else None
             top_scores, top_ids = self._finish(queries[rows], scores[rows], ids[rows], op.k, exclude, stale)
             if self.first:  # row positions -> the bank's ids (padding stays -1)
@@ -583,15 +653,15 @@ class MemoryBank:
             elif isinstance(op, SearchUpdate):
                 changed.append(self._apply_update(*self._held_part(op.ids, op.features), "momentum"))
             version = self.counters["updates"]
-            results.append(OpResult(KnnResult(self._host(top_scores), self._host(top_ids), version), version))
+            like = self._queries(op)
+            results.append(OpResult(KnnResult(self._answer(like, top_scores), self._answer(like, top_ids), version), version))
         self._landed()
         return results
 
     def _hold(self, op: SearchUpdate) -> None:
-        """Keep a tagged request's update for when its step closes (copies: the request's
-        arrays are views of received frames)."""
+        """Keep a tagged request's update for when its step closes, copied to the device."""
         ids, features = self._held_part(op.ids, op.features)
-        self._pending.append((np.array(ids, np.int64), np.array(features, np.float32)))
+        self._pending.append((self._owned(ids, torch.int64), self._owned(features, torch.float32)))
 
     def _open_or_closed(self) -> int:
         return self.counters["closed_step"] if self._step is None else self._step
@@ -630,11 +700,11 @@ class MemoryBank:
         keep = ids[0] != (-2 if exclude is None else exclude)
         return scores[0][keep][:k], ids[0][keep][:k]
 
-    def _apply_update(self, ids: np.ndarray, values: np.ndarray, mode: str) -> torch.Tensor:
+    def _apply_update(self, ids: Array, values: Array, mode: str) -> torch.Tensor:
         """Write rows ``ids`` (overwrite: verbatim, as restores and seeds need; momentum: FGC's
         rule); the ids, as a tensor on the store's device."""
-        index = self._tensor(np.asarray(ids, np.int64))
-        new = self._tensor(np.asarray(values, np.float32))
+        index = self._tensor(ids, torch.int64)
+        new = self._tensor(values, torch.float32)
         if mode != "overwrite":
             new = momentum_rows(self.store.read(index), new, self.config.momentum)
         self.store.write(index, new)
@@ -644,3 +714,15 @@ class MemoryBank:
 
 
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.int64): torch.int64}
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.int64: np.int64}
+
+
+def _by_id_then_bits(ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The order of rows (ids (S,), values (S, D) float32) by id, then by the values' bits as
+    unsigned 32-bit words, first column first: a least-significant-first radix of stable sorts,
+    as numpy's lexsort does it, on the rows' device."""
+    bits = values.view(torch.int32).long() & 0xFFFFFFFF  # (S, D) the bits as unsigned, in int64
+    order = torch.arange(len(ids), device=ids.device)
+    for column in reversed(range(values.shape[1])):
+        order = order[torch.argsort(bits[order, column], stable=True)]
+    return order[torch.argsort(ids[order], stable=True)]

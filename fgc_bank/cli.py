@@ -66,10 +66,11 @@ def main(log_level: str) -> None:
               help="Where banks live: cpu, cuda, cuda:N, or auto (the first GPU torch sees, else cpu); "
                    "several, comma-separated (cuda:0,cuda:1), split every bank over them, searched in "
                    "parallel and merged exactly.")
-@click.option("--engine", type=click.Choice(["auto", "faiss", "torch"]), default="auto",
+@click.option("--engine", type=click.Choice(["auto", "faiss", "torch", "faiss-gpu"]), default="auto",
               help="What searches them: faiss (the CPU store: torch.mm, FAISS heaps, int8/bf16 "
-                   "prefilter), torch (the torch store, on any device), auto (faiss on a CPU when "
-                   "installed, else torch).")
+                   "prefilter), torch (the torch store, on any device), faiss-gpu (the torch store "
+                   "searched by faiss.knn_gpu: a CUDA device and FAISS built for GPUs; never picked "
+                   "by auto), auto (faiss on a CPU when installed, else torch).")
 @click.option("--workers", type=click.IntRange(1, 64), default=1,
               help="Bank worker threads; each bank is served by one, in order.")
 @click.option("--faiss-threads", type=click.IntRange(0, 1024), default=0,

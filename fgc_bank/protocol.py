@@ -226,21 +226,49 @@ def decode_request(frames: Sequence[Any], max_frame_bytes: int = MAX_FRAME_BYTES
     client = header.get("client", 0)
     if not isinstance(client, int) or not 0 <= client < 2**64:
         raise _fail(ErrorCode.BAD_MESSAGE, f"client id must be an unsigned 64-bit int, got {quote(client)}")
-    op = header.get("op")
-    spec = OPS.get(op) if isinstance(op, str) else None
-    if spec is None:
-        raise _fail(ErrorCode.UNKNOWN_OP, f"unknown op {quote(op)}; known ops: {', '.join(sorted(OPS))}")
-    bank = header.get("bank")
-    if spec.needs_bank and not (isinstance(bank, str) and 0 < len(bank) <= MAX_NAME_CHARS):
-        raise _fail(ErrorCode.BAD_ARGUMENT, f"op {op!r} needs a bank name of 1 to {MAX_NAME_CHARS} characters, got {quote(bank)}")
-    args = header.get("args", {})
-    if not isinstance(args, dict):
-        raise _fail(ErrorCode.BAD_MESSAGE, "'args' must be a map")
-    _check_args(op, spec, args)
+    op, bank, args = header.get("op"), header.get("bank"), header.get("args", {})
+    spec = _check_op(op, bank, args)
     arrays = _decode_arrays(header.get("arrays", []), frames[1:], max_frame_bytes)
     _check_arrays(op, spec, arrays)
     return Request(op=op, bank=bank if spec.needs_bank else None, args=args, arrays=arrays, id=rid,
                    client=client)
+
+
+def check_request(request: Request, max_frame_bytes: int = MAX_FRAME_BYTES) -> Request:
+    """The checks :func:`decode_request` makes, on a request that never became frames: the
+    in-process bank's request whose arrays are torch tensors (kept where they are, on any
+    device). Arrays must be of a wire dtype and no larger than a frame; ``request`` is returned."""
+    for name, array in request.arrays.items():
+        kind = wire_name(array)
+        if kind is None:
+            raise _fail(ErrorCode.BAD_DTYPE, f"array {quote(name)} has dtype {array.dtype}; the wire carries {sorted(DTYPES)}")
+        nbytes = math.prod(array.shape) * DTYPES[kind].itemsize
+        if nbytes > max_frame_bytes:
+            raise _fail(ErrorCode.TOO_LARGE, f"array {quote(name)} is {nbytes} bytes; limit {max_frame_bytes}")
+    _check_arrays(request.op, _check_op(request.op, request.bank, request.args), request.arrays)
+    return request
+
+
+def _check_op(op: Any, bank: Any, args: Any) -> OpSpec:
+    """The op, its bank name and scalar arguments against ``OPS``; the op's spec."""
+    spec = OPS.get(op) if isinstance(op, str) else None
+    if spec is None:
+        raise _fail(ErrorCode.UNKNOWN_OP, f"unknown op {quote(op)}; known ops: {', '.join(sorted(OPS))}")
+    if spec.needs_bank and not (isinstance(bank, str) and 0 < len(bank) <= MAX_NAME_CHARS):
+        raise _fail(ErrorCode.BAD_ARGUMENT, f"op {op!r} needs a bank name of 1 to {MAX_NAME_CHARS} characters, got {quote(bank)}")
+    if not isinstance(args, dict):
+        raise _fail(ErrorCode.BAD_MESSAGE, "'args' must be a map")
+    _check_args(op, spec, args)
+    return spec
+
+
+def wire_name(array: Any) -> str | None:
+    """The wire dtype name of a numpy array or a torch tensor ("float32", ...); None if the wire
+    has no such dtype. Torch is never imported here: its dtypes print as ``torch.<name>``."""
+    if isinstance(array, np.ndarray):
+        return _WIRE_NAMES.get(array.dtype)
+    name = str(array.dtype).removeprefix("torch.")
+    return name if name in DTYPES else None
 
 
 def _check_args(op: str, spec: OpSpec, args: dict[str, Any]) -> None:
@@ -266,7 +294,7 @@ def _check_arrays(op: str, spec: OpSpec, arrays: dict[str, np.ndarray]) -> None:
         if name not in allowed:
             raise _fail(ErrorCode.BAD_ARGUMENT, f"op {op!r} takes no array {quote(name)}; it takes {sorted(allowed) or 'none'}")
         kind, ndim = allowed[name]
-        if array.dtype != DTYPES[kind]:
+        if wire_name(array) != kind:
             raise _fail(ErrorCode.BAD_DTYPE, f"array {name!r} of op {op!r} must be {kind}, got {array.dtype}")
         if array.ndim != ndim:
             raise _fail(ErrorCode.BAD_SHAPE, f"array {name!r} of op {op!r} must have {ndim} dimensions, got shape {list(array.shape)}")

@@ -13,7 +13,8 @@ import numpy as np
 
 @dataclass(frozen=True)
 class KnnResult:
-    """Top-k answers: ``scores`` (B, k) float32, descending; ``ids`` (B, k) int64.
+    """Top-k answers: ``scores`` (B, k) float32, descending; ``ids`` (B, k) int64; numpy, or
+    torch tensors where the request's were (in process, and as a handle gives them back).
 
     Unpacks as FAISS's ``(D, I)``: ``scores, ids = bank.knn(name, queries, k)``.
 

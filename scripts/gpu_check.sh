@@ -14,5 +14,5 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible to torch'; print(torch.__version__, torch.cuda.get_device_name(0))"
-"$PY" -m pytest -q -p no:cacheprovider tests/test_torch_store_gpu.py tests/test_gpu_bank.py 2>&1 | tee "$OUT/tests.log"
+"$PY" -m pytest -q -p no:cacheprovider tests/test_torch_store_gpu.py tests/test_gpu_bank.py tests/test_faiss_gpu.py 2>&1 | tee "$OUT/tests.log"
 "$PY" -m benchmarks.gpu --out "$OUT" "$@"

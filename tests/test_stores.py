@@ -13,10 +13,11 @@ from conftest import assert_same_knn, brute_force_knn, start_server, stop_server
 
 from fgc_bank import connect
 from fgc_bank.errors import BankError, ErrorCode
-from fgc_bank.stores import Placement, resolve_engine
+from fgc_bank.stores import ENGINE_ENV, ENGINES, Placement, resolve_engine
 
 
-def test_placements_resolve_and_refuse_what_cannot_be() -> None:
+def test_placements_resolve_and_refuse_what_cannot_be(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENGINE_ENV, raising=False)  # what auto picks by itself
     assert Placement.resolve("auto", "cpu") == Placement("faiss", "cpu")  # FAISS is installed here
     assert Placement.resolve("torch", "cpu").store.__name__ == "TorchStore"
     for engine, device in (("annoy", "cpu"), ("torch", "tpu"), ("torch", "cuda:99")):
@@ -25,6 +26,40 @@ def test_placements_resolve_and_refuse_what_cannot_be() -> None:
         assert info.value.code is ErrorCode.BAD_ARGUMENT
     with pytest.raises(BankError, match="searched by engine 'torch'"):
         resolve_engine("faiss", torch.device("cuda", 0))
+
+
+def test_faiss_gpu_is_registered_and_refused_with_a_reason_where_it_cannot_run() -> None:
+    assert ENGINES["faiss-gpu"] == "fgc_bank.stores.faiss_gpu:FaissGpuStore"
+    with pytest.raises(BankError, match="searches a CUDA tensor") as info:
+        resolve_engine("faiss-gpu", torch.device("cpu"))
+    assert info.value.code is ErrorCode.BAD_ARGUMENT and "\n" not in info.value.message
+    import faiss
+
+    if faiss.get_num_gpus() == 0:  # a CPU build of FAISS (as here) on a CUDA device: refused too
+        with pytest.raises(BankError, match="needs FAISS built for GPUs") as info:
+            resolve_engine("faiss-gpu", torch.device("cuda", 0))
+        assert "\n" not in info.value.message
+
+
+def test_auto_never_picks_faiss_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENGINE_ENV, raising=False)  # the suite may run with FGC_BANK_ENGINE=torch
+    for device in (torch.device("cpu"), torch.device("cuda", 0)):  # resolve_engine needs no GPU to answer
+        assert resolve_engine("auto", device) == ("faiss" if device.type == "cpu" else "torch")
+        monkeypatch.setenv(ENGINE_ENV, "faiss-gpu")  # not even when the environment names it
+        assert resolve_engine("auto", device) in ("faiss", "torch")
+        monkeypatch.delenv(ENGINE_ENV)
+
+
+def test_serve_offers_faiss_gpu_and_refuses_it_on_a_cpu_with_one_line() -> None:
+    from fgc_bank.cli import serve
+
+    engine = next(p for p in serve.params if p.name == "engine")
+    assert set(engine.type.choices) == {"auto", *ENGINES}  # the CLI's list is the registry's
+    done = subprocess.run([sys.executable, "-m", "fgc_bank.cli", "serve", "--port", "0", "--engine", "faiss-gpu"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "faiss-gpu" in lines[0] and "Traceback" not in done.stderr, done.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA answers")

@@ -120,8 +120,8 @@ def test_float32_search_alone_is_exact(rng: np.random.Generator) -> None:
 
 def assert_copy_in_step(store: TorchStore) -> None:
     assert torch.equal(store.low, store.rows.to(torch.bfloat16))
-    assert torch.equal(store.norms, torch_store._norms(store.rows))
-    assert torch.equal(store.errors, torch_store._norms(store.rows.double() - store.low.double()))
+    assert torch.equal(store.norms, torch_store.norm_bounds(store.rows))
+    assert torch.equal(store.errors, torch_store.norm_bounds(store.rows.double() - store.low.double()))
 
 
 def test_writes_keep_the_bfloat16_copy_in_step(rng: np.random.Generator) -> None:

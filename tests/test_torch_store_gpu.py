@@ -85,7 +85,7 @@ def test_cuda_writes_and_subnormal_rows() -> None:
         bank[ids] = (mixed / np.linalg.norm(mixed, axis=1, keepdims=True)).astype(np.float32)
         store.write(torch.from_numpy(ids).cuda(), torch.from_numpy(bank[ids]).cuda())
         assert torch.equal(store.low, store.rows.to(torch.bfloat16))
-        assert torch.equal(store.norms, torch_store._norms(store.rows))
+        assert torch.equal(store.norms, torch_store.norm_bounds(store.rows))
         assert_same_knn(*knn(store, queries, 100), *brute_force_knn(bank, queries, 100))
     assert np.array_equal(store.export(), bank)
 

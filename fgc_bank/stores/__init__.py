@@ -1,11 +1,14 @@
 """Row stores, and the one registry that picks one for an engine and a device.
 
 Engines: ``faiss``, the CPU store (:mod:`fgc_bank.stores.cpu`: torch.mm, FAISS heaps and the
-int8/bf16 prefilter; host memory only), and ``torch``, the torch store
+int8/bf16 prefilter; host memory only), ``torch``, the torch store
 (:mod:`fgc_bank.stores.torch_store`: a tensor on any device, low-precision scoring checked by a
-proven bound). ``auto`` picks the CPU store on a CPU when FAISS is installed, else the torch store;
-the environment variable ``FGC_BANK_ENGINE`` (``faiss`` or ``torch``) changes what ``auto`` picks
-(the test suite runs the bank's tests once per engine this way).
+proven bound), and ``faiss-gpu``, the torch store searched by ``faiss.knn_gpu``
+(:mod:`fgc_bank.stores.faiss_gpu`: a CUDA device and FAISS built for GPUs). ``auto`` picks the CPU
+store on a CPU when FAISS is installed, else the torch store, never ``faiss-gpu`` (which is faster
+is measured, not assumed: ask for it by name); the environment variable ``FGC_BANK_ENGINE``
+(``faiss`` or ``torch``) changes what ``auto`` picks (the test suite runs the bank's tests once
+per engine this way).
 Devices: ``cpu``, ``cuda``, ``cuda:N``; ``auto`` is the first GPU torch sees, else the CPU.
 """
 
@@ -22,7 +25,9 @@ from fgc_bank.errors import BankError, ErrorCode
 from fgc_bank.stores.base import RowStore
 
 ENGINE_ENV = "FGC_BANK_ENGINE"
-ENGINES = {"faiss": "fgc_bank.stores.cpu.store:CpuStore", "torch": "fgc_bank.stores.torch_store:TorchStore"}
+ENGINES = {"faiss": "fgc_bank.stores.cpu.store:CpuStore", "torch": "fgc_bank.stores.torch_store:TorchStore",
+           "faiss-gpu": "fgc_bank.stores.faiss_gpu:FaissGpuStore"}
+AUTO_ENGINES = ("faiss", "torch")  # what ``auto`` (and FGC_BANK_ENGINE) may pick
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -50,7 +55,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def resolve_engine(engine: str, device: torch.device) -> str:
     """``engine`` for ``device``; ``auto``: the CPU store on a CPU with FAISS, else torch."""
-    if engine == "auto" and os.environ.get(ENGINE_ENV) in ENGINES:
+    if engine == "auto" and os.environ.get(ENGINE_ENV) in AUTO_ENGINES:
         engine = os.environ[ENGINE_ENV]
     if engine == "auto":
         return "faiss" if device.type == "cpu" and importlib.util.find_spec("faiss") else "torch"
@@ -61,6 +66,10 @@ def resolve_engine(engine: str, device: torch.device) -> str:
                         f"{device} is searched by engine 'torch'")
     if engine == "faiss" and not importlib.util.find_spec("faiss"):
         raise BankError(ErrorCode.BAD_ARGUMENT, "engine 'faiss' needs FAISS: pip install faiss-cpu")
+    if engine == "faiss-gpu":
+        from fgc_bank.stores.faiss_gpu import gpu_faiss
+
+        gpu_faiss(device)  # a CPU device or a FAISS without GPUs: its one-line refusal
     return engine
 
 

@@ -217,8 +217,9 @@ class _Filter:
     safe: torch.Tensor
 
 
-def _norms(x: torch.Tensor) -> torch.Tensor:
-    """(n, D) float32 or bfloat16 -> (n,) float64 upper bounds of the exact row norms."""
+def norm_bounds(x: torch.Tensor) -> torch.Tensor:
+    """(n, D) float32 or bfloat16 -> (n,) float64 upper bounds of the exact row norms, on the
+    rows' device (the torch twin of ``prefilter.norm_bounds``; the bank checks tensors with it)."""
     d = x.shape[1]
     return torch.linalg.vector_norm(x.double(), dim=1) * (1.0 + (d + 4) * NORM_SLACK)
 
@@ -260,6 +261,7 @@ class TorchStore(RowStore):
 
     exact = True
     engine = "torch"
+    low_copy = True  # the bfloat16 copy and row norms the checked search needs (a subclass searching otherwise drops them)
 
     def __init__(self, rows: torch.Tensor, device: torch.device | str, *, budget: int = SCORE_BUDGET,
                  extra: int | None = None, gemm_output: torch.dtype | None = None) -> None:
@@ -277,14 +279,16 @@ class TorchStore(RowStore):
         self.rows = torch.empty(n, d, dtype=torch.float32, device=self.device)  # (N, D)
         with torch.no_grad():
             self.rows.copy_(rows)
-        self.low = torch.empty(n, d, dtype=torch.bfloat16, device=self.device)  # (N, D) bf16(rows)
-        self.norms = torch.empty(n, dtype=torch.float64, device=self.device)  # (N,) >= |r|
-        self.errors = torch.empty(n, dtype=torch.float64, device=self.device)  # (N,) >= |r - bf16(r)|
-        step = max(1, (64 << 20) // (16 * max(d, 1)))  # bounded float64 temporaries
-        for lo, hi in _blocks(n, step):
-            self._refresh(slice(lo, hi), self.rows[lo:hi])
-        self._kernel, self._output_rounding = _choose_kernel(self.device, gemm_output)
-        self._kernel_ok = d == 0 or _kernel_is_sound(self._kernel, self._output_rounding, self.device, d)
+        self._kernel_ok = False  # without the copy every search is the float32 one
+        if self.low_copy:
+            self.low = torch.empty(n, d, dtype=torch.bfloat16, device=self.device)  # (N, D) bf16(rows)
+            self.norms = torch.empty(n, dtype=torch.float64, device=self.device)  # (N,) >= |r|
+            self.errors = torch.empty(n, dtype=torch.float64, device=self.device)  # (N,) >= |r - bf16(r)|
+            step = max(1, (64 << 20) // (16 * max(d, 1)))  # bounded float64 temporaries
+            for lo, hi in _blocks(n, step):
+                self._refresh(slice(lo, hi), self.rows[lo:hi])
+            self._kernel, self._output_rounding = _choose_kernel(self.device, gemm_output)
+            self._kernel_ok = d == 0 or _kernel_is_sound(self._kernel, self._output_rounding, self.device, d)
         # Queries of the last search that the bfloat16 pass left to the float32 search (outside
         # SAFE_RANGE or a failed check); 0 when the whole search was float32 from the start.
         self.last_fallbacks = 0
@@ -294,7 +298,7 @@ class TorchStore(RowStore):
     @classmethod
     def nbytes(cls, rows: int, dim: int) -> int:
         """float32 rows, their bfloat16 copy, and each row's two float64 norms."""
-        return rows * dim * (4 + 2) + rows * 2 * 8
+        return rows * dim * 4 + (rows * dim * 2 + rows * 2 * 8 if cls.low_copy else 0)
 
     @classmethod
     def layout(cls) -> str:
@@ -341,7 +345,8 @@ class TorchStore(RowStore):
         ids = ids.to(self.device, torch.long)
         rows = rows.to(self.device, torch.float32)
         self.rows.index_copy_(0, ids, rows)
-        self._refresh(ids, rows)
+        if self.low_copy:
+            self._refresh(ids, rows)
 
     def export(self) -> np.ndarray:
         return self.rows.to("cpu", copy=True).numpy()  # SYNC on a GPU: the copy is the point
@@ -403,9 +408,9 @@ class TorchStore(RowStore):
         """The queries' bfloat16 values, margins and range guard (the module's docstring)."""
         d = self.dim
         low = queries.to(torch.bfloat16)  # (b, D)
-        q = _norms(queries)  # (b,) float64
-        q_low = _norms(low)
-        q_error = _norms(queries.double() - low.double())  # the difference is exact in float64
+        q = norm_bounds(queries)  # (b,) float64
+        q_low = norm_bounds(low)
+        q_error = norm_bounds(queries.double() - low.double())  # the difference is exact in float64
         acc = ACCUMULATION * d * U_FP32
         rounding = q_error * row_norm + q_low * row_error
         sums = acc * (q_low * (row_norm + row_error) + q * row_norm)
@@ -473,8 +478,8 @@ class TorchStore(RowStore):
     def _refresh(self, index: torch.Tensor | slice, rows: torch.Tensor) -> None:
         """The bfloat16 copy and the two norms of rows ``index`` (values ``rows`` (S, D))."""
         low = rows.to(torch.bfloat16)  # (S, D)
-        norms = _norms(rows)  # (S,) float64
-        errors = _norms(rows.double() - low.double())  # the difference is exact in float64
+        norms = norm_bounds(rows)  # (S,) float64
+        errors = norm_bounds(rows.double() - low.double())  # the difference is exact in float64
         if isinstance(index, slice):
             self.low[index] = low
             self.norms[index] = norms
