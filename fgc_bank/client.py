@@ -61,6 +61,7 @@ class _Connection:
     monitor: zmq.Socket
     disconnected: bool = False  # lost and not back yet (the socket owner's)
     label: str | None = None  # what errors from this endpoint are prefixed with (a shard's name)
+    refused: str | None = None  # why the server refused our CURVE handshake, once it has
 
 
 @dataclass
@@ -125,7 +126,8 @@ class BankClient(BankHandle):
         try:
             for endpoint in address.split(","):
                 socket = self._new_socket(endpoint.strip())
-                monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+                monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                                                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
                 self._conns.append(_Connection(endpoint.strip(), socket, monitor))
         except zmq.ZMQError as exc:
             self._close_sockets()
@@ -263,6 +265,8 @@ class BankClient(BankHandle):
                             results[reply.id] = _decoded(item, reply)
                 if conn.monitor in events:
                     self._connection_event(conn, pending)
+                    if conn.refused and any(p.conn is conn for p in pending.values()):
+                        raise BankUnavailable(conn.refused)
             if self._closed:
                 raise BankUnavailable(f"client for {self.address} was closed before the reply came")
             now = time.monotonic()
@@ -344,6 +348,9 @@ class BankClient(BankHandle):
                 self._receive(conn, pending)
             if conn.monitor in events:
                 self._connection_event(conn, pending)
+                if conn.refused:
+                    for rid in [rid for rid, p in pending.items() if p.conn is conn]:
+                        pending.pop(rid).future.set_exception(BankUnavailable(conn.refused))
         self._expire(pending)
         now = time.monotonic()
         self._retry([p for p in pending.values() if p.retry_at <= now])
@@ -409,10 +416,19 @@ class BankClient(BankHandle):
             if event == zmq.EVENT_DISCONNECTED:
                 conn.disconnected = True
                 logger.warning("lost the connection to %s; ZeroMQ is reconnecting", conn.address)
-            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and conn.disconnected:
-                conn.disconnected = False
-                self.reconnects += 1
-                self._resend([p for p in pending.values() if p.conn is conn], "reconnected")
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                conn.refused = None
+                if conn.disconnected:
+                    conn.disconnected = False
+                    self.reconnects += 1
+                    self._resend([p for p in pending.values() if p.conn is conn], "reconnected")
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                conn.refused = (f"authentication refused by {conn.address}: the server does not accept this "
+                                "client's CURVE key (is its public key in the server's --curve-clients "
+                                "directory, and is --curve-server the server's public key?)")
+                if conn.refused and not conn.disconnected:
+                    logger.warning(conn.refused)
+                conn.disconnected = True
 
     def _resend(self, items: list[_Pending], why: str) -> None:
         """Send requests again with their original ids; the server drops or answers duplicates."""

@@ -24,7 +24,7 @@ from bank_server.prometheus import StatsCollector
 from fgc_bank import connect
 from fgc_bank.bank import BankConfig
 from fgc_bank.cli import main
-from fgc_bank.errors import BankError, BankTimeout, ErrorCode
+from fgc_bank.errors import BankError, BankTimeout, BankUnavailable, ErrorCode
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +59,19 @@ def test_curve_server_serves_keyed_clients_and_refuses_the_rest(keys: Path, tmp_
                 with pytest.raises(BankTimeout):
                     anonymous.hello()
                 time.sleep(0.3)
-        with connect(address, timeout=1.0, curve_secret=keys / "stranger.key_secret",
-                     curve_server=keys / "server.key") as stranger, pytest.raises(BankTimeout):
-            stranger.hello()
+        # A key the server does not accept: "authentication refused", at once, not a timeout
+        # that asks whether the server runs; the server logs the refusal.
+        with connect(address, timeout=30 * TIME_FACTOR, curve_secret=keys / "stranger.key_secret",
+                     curve_server=keys / "server.key") as stranger:
+            with pytest.raises(BankUnavailable) as refused:  # a timeout would raise BankTimeout
+                stranger.hello()
+            assert "authentication refused" in refused.value.message and address in refused.value.message
         result = CliRunner().invoke(main, ["info", address, "--curve-secret", str(keys / "trainer.key_secret"),
                                            "--curve-server", str(keys / "server.key")])
         assert result.exit_code == 0 and "secure" in result.output, result.output
     finally:
         stop_server(proc)
+    assert "refused 1 CURVE handshake(s) (Unknown key)" in proc.stderr.read()
 
 
 def test_curve_options_are_checked_up_front(keys: Path) -> None:

@@ -73,7 +73,7 @@ def test_an_error_under_torchrun_is_printed_once_and_carried_by_the_summary(tmp_
 @pytest.fixture(scope="module")
 def curve_server(tmp_path_factory: pytest.TempPathFactory):
     keys = tmp_path_factory.mktemp("keys")
-    for name in ("server", "trainer"):
+    for name in ("server", "trainer", "stranger"):
         result = CliRunner().invoke(bank_cli, ["keys", "--dir", str(keys), "--name", name])
         assert result.exit_code == 0, result.output
     (keys / "allowed").mkdir()
@@ -110,6 +110,10 @@ def test_fgc_train_trains_against_a_curve_server_with_its_keys(tmp_path: Path, c
     anonymous = CliRunner().invoke(train, [*TINY, *FGC_TINY, "--bank", address, "--bank-timeout", "1",
                                            "--out-dir", str(tmp_path / "anonymous")])
     assert anonymous.exit_code == 2 and "cannot reach the bank" in one_line(anonymous.output)
+    stranger = CliRunner().invoke(train, [*TINY, *FGC_TINY, "--bank", address, "--curve-secret",
+                                          str(keys / "stranger.key_secret"), "--curve-server", str(keys / "server.key"),
+                                          "--out-dir", str(tmp_path / "stranger")])
+    assert stranger.exit_code == 2 and "refused this trainer's CURVE key" in one_line(stranger.output), stranger.output
     half = CliRunner().invoke(train, [*TINY, *FGC_TINY, "--bank", address, keyed[0], keyed[1],
                                       "--out-dir", str(tmp_path / "half")])
     assert half.exit_code == 2 and "needs both --curve-secret" in one_line(half.output)

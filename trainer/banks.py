@@ -111,6 +111,8 @@ def open_bank(address: str, timeout: float, curve_secret: str | None = None,
             probe.close()
         return connect(address, timeout=timeout, **curve)
     except (BankUnavailable, BankTimeout) as exc:
+        if exc.message.startswith("authentication refused") or ": authentication refused" in exc.message:
+            raise TrainerError(f"the bank at {address} refused this trainer's CURVE key ({exc.message})") from exc
         keys = (" (with CURVE: are the key files the server's pair and one it allows?)"
                 if curve else "")
         raise TrainerError(f"cannot reach the bank at {address} ({exc.message}){keys}; "
@@ -122,6 +124,8 @@ def open_bank(address: str, timeout: float, curve_secret: str | None = None,
 
 def serve_hint(address: str) -> str:
     """How to start a server at ``address``: its own port (or endpoint), never a default one."""
+    if "," in address or address.startswith("rdzv://"):
+        return "start every shard server with `fgc-bank serve --shard I/S` (README: several servers)"
     if address.startswith("tcp://") and ":" in address[6:]:
         host, _, port = address[6:].rpartition(":")
         where = "" if host in ("127.0.0.1", "localhost", "[::1]") else f" on {host}, with --host 0.0.0.0,"
