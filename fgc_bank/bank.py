@@ -27,6 +27,7 @@ import torch
 
 from fgc_bank.errors import BankError, ErrorCode, quote
 from fgc_bank.results import KnnResult
+from fgc_bank.shards import sample_ids
 from fgc_bank.stores import Placement, RowStore
 from fgc_bank.stores.cpu.prefilter import norm_bounds
 from fgc_bank.stores.torch_store import norm_bounds as tensor_norm_bounds
@@ -502,11 +503,7 @@ class MemoryBank:
     def sample(self, m: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """``m`` distinct random ids (sorted) and their rows, reproducible from ``seed``; a shard
         draws among the ids it holds (a sharded client draws among all and gathers)."""
-        if not 1 <= m <= self.size:
-            raise BankError(ErrorCode.BAD_ARGUMENT, f"m must be in [1, {self.size}], got {m}")
-        if not 0 <= seed < 2**63:
-            raise BankError(ErrorCode.BAD_ARGUMENT, f"seed must be in [0, 2^63), got {seed}")
-        local = np.sort(np.random.default_rng(seed).choice(self.size, size=m, replace=False)).astype(np.int64)
+        local = sample_ids(self.size, m, seed)
         ids = local + self.first
         with self.lock:
             self._close_step()

@@ -20,10 +20,16 @@ import torch
 from fgc_bank.bank import BankConfig, MemoryBank, Op, OpResult, Update
 from fgc_bank.errors import BankError, ErrorCode
 from fgc_bank.results import KnnResult
-from fgc_bank.shards import WHOLE, Shard, merge_topk, split
+from fgc_bank.shards import (
+    SUMMED_COUNTERS,
+    WHOLE,
+    Shard,
+    merge_topk,
+    merged_info,
+    sample_ids,
+    split,
+)
 from fgc_bank.stores import Placement
-
-SUMMED_COUNTERS = ("rows_updated",)  # each part counts its own rows; the others count every op
 
 
 @dataclass(frozen=True)
@@ -119,8 +125,7 @@ class SplitBank:
             part.load_counters({k: (0 if i and k in SUMMED_COUNTERS else v) for k, v in counters.items()})
 
     def info(self) -> dict[str, Any]:
-        return {**self.parts[0].info(), **self.counters, "ids": [self.first, self.first + self.size],
-                "device": ",".join(str(p.store.device) for p in self.parts)}
+        return merged_info([p.info() for p in self.parts], (self.first, self.first + self.size))
 
     def nbytes(self) -> int:
         return sum(p.nbytes() for p in self.parts)
@@ -163,9 +168,5 @@ class SplitBank:
         return out
 
     def sample(self, m: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        if not 1 <= m <= self.size:
-            raise BankError(ErrorCode.BAD_ARGUMENT, f"m must be in [1, {self.size}], got {m}")
-        if not 0 <= seed < 2**63:
-            raise BankError(ErrorCode.BAD_ARGUMENT, f"seed must be in [0, 2^63), got {seed}")
-        ids = np.sort(np.random.default_rng(seed).choice(self.size, size=m, replace=False)).astype(np.int64) + self.first
+        ids = sample_ids(self.size, m, seed) + self.first
         return ids, self.gather(ids)

@@ -35,11 +35,10 @@ from fgc_bank.api import DEFAULT_TIMEOUT_S, BankHandle
 from fgc_bank.client import BankClient
 from fgc_bank.errors import BankError, ErrorCode
 from fgc_bank.protocol import Reply, Request
-from fgc_bank.shards import merge_topk, owners, split
+from fgc_bank.shards import merge_topk, merged_info, owners, sample_ids, split
 
 T = TypeVar("T")
 CONFIG_FIELDS = ("rows", "dim", "momentum", "init", "seed", "dtype")
-SUMMED = ("rows_updated",)  # counters each shard keeps for its own rows; the rest are equal on all
 Combine = Callable[[list[Reply]], Reply]
 Call = tuple[int, Request]
 
@@ -196,12 +195,7 @@ class ShardedBank(BankHandle):
 
     def _sample(self, request: Request) -> tuple[list[Call], Combine]:
         rows = self._bank_rows(request.bank)
-        m, seed = request.args["m"], request.args.get("seed", 0)
-        if not 1 <= m <= rows:
-            raise BankError(ErrorCode.BAD_ARGUMENT, f"m must be in [1, {rows}], got {m}")
-        if not 0 <= seed < 2**63:
-            raise BankError(ErrorCode.BAD_ARGUMENT, f"seed must be in [0, 2^63), got {seed}")
-        ids = np.sort(np.random.default_rng(seed).choice(rows, size=m, replace=False)).astype(np.int64)
+        ids = sample_ids(rows, request.args["m"], request.args.get("seed", 0))
         calls, combine = self._gather(Request("gather", request.bank, {}, {"ids": ids}))
         return calls, lambda rs: Reply(0, arrays={"ids": ids, "rows": combine(rs).arrays["rows"]})
 
@@ -299,16 +293,8 @@ def _merged_knn(replies: list[Reply], k: int) -> Reply:
 
 
 def _merged_info(infos: list[dict[str, Any]]) -> dict[str, Any]:
-    """One bank's info from its shards': its config, counters as one server counts them, its
-    whole id range, and the shards' devices."""
-    merged = dict(infos[0])
-    for key in SUMMED:
-        if key in merged:
-            merged[key] = sum(info.get(key, 0) for info in infos)
-    merged["ids"] = [0, merged["rows"]]
-    merged["shards"] = len(infos)
-    merged["device"] = ",".join(dict.fromkeys(str(info.get("device")) for info in infos))
-    return merged
+    """One bank's info from its shards' (see :func:`fgc_bank.shards.merged_info`)."""
+    return {**merged_info(infos, (0, int(infos[0]["rows"]))), "shards": len(infos)}
 
 
 def _merged_banks(per_shard: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:

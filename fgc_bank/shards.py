@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -49,6 +50,29 @@ class Shard:
 
 
 WHOLE = Shard()  # an unsharded server: shard 0 of 1
+SUMMED_COUNTERS = ("rows_updated",)  # each part counts its own rows; every other counter counts each op once
+
+
+def sample_ids(rows: int, m: int, seed: int) -> np.ndarray:
+    """``m`` distinct ids of ``rows``, sorted, drawn from ``seed``: the draw of a bank's ``sample``,
+    the same whether one server, a sharded client or a bank split over devices makes it."""
+    if not 1 <= m <= rows:
+        raise BankError(ErrorCode.BAD_ARGUMENT, f"m must be in [1, {rows}], got {m}")
+    if not 0 <= seed < 2**63:
+        raise BankError(ErrorCode.BAD_ARGUMENT, f"seed must be in [0, 2^63), got {seed}")
+    return np.sort(np.random.default_rng(seed).choice(rows, size=m, replace=False)).astype(np.int64)
+
+
+def merged_info(infos: list[dict[str, Any]], ids: tuple[int, int]) -> dict[str, Any]:
+    """One bank's info from its parts' (shards' or devices'), in order: its config, its counters
+    as one bank counts them, the ids [lo, hi) the parts hold together, and their devices."""
+    merged = dict(infos[0])
+    for key in SUMMED_COUNTERS:
+        if key in merged:
+            merged[key] = sum(info.get(key, 0) for info in infos)
+    merged["ids"] = list(ids)
+    merged["device"] = ",".join(str(info.get("device")) for info in infos)  # each part's, in order
+    return merged
 
 
 def split(rows: int, count: int) -> list[tuple[int, int]]:
