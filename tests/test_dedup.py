@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from conftest import TIME_FACTOR, start_server, stop_server
+from conftest import TIME_FACTOR, server_log, start_server, stop_server
 
 from bank_server.dedup import (
     CACHE_ENTRY_BYTES,
@@ -193,7 +193,10 @@ def test_a_flood_of_fresh_client_ids_never_makes_a_resend_apply_twice(tmp_path: 
         applied = version(served)
         codes = set()
         for client in range(10_000, 10_000 + 1100):  # more clients than the table holds
-            reply = raw.call(update(1, [3], client=client))
+            try:
+                reply = raw.call(update(1, [3], client=client))
+            except AssertionError as exc:  # no reply: say what the server logged
+                raise AssertionError(f"{exc}\nthe server's log ends:\n{server_log(proc)[-4000:]}") from None
             codes.add(reply.error.code.value if reply.error else "ok")
         assert codes == {"ok", "busy"}  # new clients past the table's size are told to come back
         after_flood = version(served)
