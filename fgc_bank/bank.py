@@ -198,6 +198,9 @@ def _distinct(ids: Array) -> bool:
     return unique == _count(ids)
 
 
+_FLOAT32 = (np.dtype(np.float32), torch.float32)
+
+
 def _dtype_name(values: Array) -> str:
     """``float32``, ``int64``, ... for numpy and torch alike (as numpy prints its dtypes)."""
     return str(values.dtype).removeprefix("torch.")
@@ -437,7 +440,7 @@ class MemoryBank:
                             f"{self.config.name!r}, got shape {list(rows.shape)}")
         if count is not None and rows.shape[0] != count:
             raise BankError(ErrorCode.BAD_SHAPE, f"{what} has {rows.shape[0]} rows but {count} ids were given")
-        if _dtype_name(rows) != "float32":
+        if rows.dtype not in _FLOAT32:  # numpy's str(dtype) runs Python: only for the message
             raise BankError(ErrorCode.BAD_DTYPE, f"{what} must be float32, got {_dtype_name(rows)}")
         _check_values(rows, what, scored)
 
