@@ -163,17 +163,19 @@ def test_gpu_bench_names_its_missed_targets() -> None:
     assert gpu.missed([{**met, "update_rows_per_s": 9e6}]) == ["missed target: imagenet-512: update_rows_per_s = 9e+06, goal >= 1e+07"]
 
 
-def test_the_paired_search_ab_compares_two_trees(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("what", ["search", "bank", "server"])
+def test_the_paired_ab_compares_two_trees(what: str, capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """The tree against itself: both processes run, pair up, and the ratio is about 1."""
     from benchmarks import ab_search
 
     tree = str(Path(ab_search.__file__).resolve().parent.parent)
     monkeypatch.setattr("sys.argv", ["ab_search", "--old-tree", tree, "--rows", "3000", "--dim", "16", "--k", "10",
-                                     "--requests", "3", "--pairs", "4"])
+                                     "--batch", "8", "--requests", "3", "--pairs", "4", "--what", what])
     ab_search.main()
     line = capsys.readouterr().out.strip()
     median = float(line.split("median ")[1].split(",")[0])
-    assert "(4 pairs)" in line and 0.2 < median < 5.0, line
+    assert line.startswith(f"{what}, N 3,000") and "(4 pairs)" in line and 0.2 < median < 5.0, line
 
 
 def test_the_chart_gives_every_series_its_own_colour_and_marker_and_says_how_the_run_was_made(tmp_path: Path) -> None:
