@@ -426,7 +426,7 @@ class BankClient(BankHandle):
                 conn.refused = (f"authentication refused by {conn.address}: the server does not accept this "
                                 "client's CURVE key (is its public key in the server's --curve-clients "
                                 "directory, and is --curve-server the server's public key?)")
-                if conn.refused and not conn.disconnected:
+                if not conn.disconnected:  # ZeroMQ retries the handshake: say it once
                     logger.warning(conn.refused)
                 conn.disconnected = True
 
