@@ -257,8 +257,8 @@ class BankClient(BankHandle):
             wait = min(min(min(p.deadline, p.retry_at) for p in pending.values()), now + CLOSED_CHECK_S) - now
             events = dict(self._direct.poll(max(0.0, wait) * 1000 + 1))
             for conn in self._conns:
-                if conn.socket in events:
-                    while (reply := self._next_reply(conn)) is not None:
+                if conn.socket in events:  # read only while a call waits: an empty read raises Again
+                    while pending and (reply := self._next_reply(conn)) is not None:
                         item = pending.pop(reply.id, None)
                         if item is not None:  # else a late reply to an earlier call: dropped
                             trips[reply.id] = time.perf_counter() - item.sent_at
