@@ -42,32 +42,29 @@ def _dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def as_ids(ids: Any, what: str = "ids", keep_tensor: bool = False) -> Any:
-    """Any integer array-like (numpy, CPU or CUDA torch tensor, list) -> (B,) int64 numpy; with
-    ``keep_tensor`` a torch tensor stays one, int64 on its own device (the in-process bank)."""
-    tensor = is_tensor(ids)
-    array = ids.detach() if tensor and keep_tensor else np.asarray(ids.detach().cpu() if tensor else ids)
-    if _kind(array.dtype) not in "iu":
-        raise BankError(ErrorCode.BAD_DTYPE, f"{what} must be integers, got {_dtype_name(array.dtype)}")
+def _as_array(values: Any, kinds: str, dtype: str, refusal: str, keep_tensor: bool) -> Any:
+    """``values`` (numpy, CPU or CUDA torch tensor, list) as a C-contiguous ``dtype`` numpy array,
+    or, with ``keep_tensor``, a torch tensor kept as one on its own device (the in-process bank);
+    BAD_DTYPE (``refusal``, then the dtype) unless its dtype kind is one of ``kinds``."""
+    tensor = is_tensor(values)
+    array = values.detach() if tensor and keep_tensor else np.asarray(values.detach().cpu() if tensor else values)
+    if _kind(array.dtype) not in kinds:
+        raise BankError(ErrorCode.BAD_DTYPE, f"{refusal}, got {_dtype_name(array.dtype)}")
     if tensor and keep_tensor:
         import torch
 
-        return array.to(torch.int64).contiguous()
-    return np.ascontiguousarray(array, dtype=np.int64)
+        return array.to(getattr(torch, dtype)).contiguous()
+    return np.ascontiguousarray(array, dtype=dtype)
+
+
+def as_ids(ids: Any, what: str = "ids", keep_tensor: bool = False) -> Any:
+    """Any integer array-like -> (B,) int64 numpy (or a tensor, see :func:`_as_array`)."""
+    return _as_array(ids, "iu", "int64", f"{what} must be integers", keep_tensor)
 
 
 def as_rows(rows: Any, keep_tensor: bool = False) -> Any:
-    """Any float array-like -> C-contiguous float32 numpy (a no-op for float32 numpy input); with
-    ``keep_tensor`` a torch tensor stays one, float32 on its own device (the in-process bank)."""
-    tensor = is_tensor(rows)
-    array = rows.detach() if tensor and keep_tensor else np.asarray(rows.detach().cpu() if tensor else rows)
-    if _kind(array.dtype) not in "fiu":
-        raise BankError(ErrorCode.BAD_DTYPE, f"rows must be numeric, got {_dtype_name(array.dtype)}")
-    if tensor and keep_tensor:
-        import torch
-
-        return array.to(torch.float32).contiguous()
-    return np.ascontiguousarray(array, dtype=np.float32)
+    """Any numeric array-like -> float32 numpy, a no-op for float32 numpy input (or a tensor)."""
+    return _as_array(rows, "fiu", "float32", "rows must be numeric", keep_tensor)
 
 
 def _update_request(name: str, ids: Any, rows: Any, mode: str, keep: bool = False) -> Request:

@@ -24,6 +24,7 @@ from fgc_bank.shards import (
     SUMMED_COUNTERS,
     WHOLE,
     Shard,
+    by_owner,
     merge_topk,
     merged_info,
     sample_ids,
@@ -161,11 +162,8 @@ class SplitBank:
     def gather(self, ids: np.ndarray) -> np.ndarray:
         self.parts[0]._check_held(ids, "ids", (self.first, self.first + self.size))
         owner = self._owner(ids)
-        out = np.empty((ids.shape[0], self.config.dim), np.float32)
-        for i, part in enumerate(self.parts):
-            if (owner == i).any():
-                out[owner == i] = part.gather(ids[owner == i])
-        return out
+        held = [i for i in range(len(self.parts)) if (owner == i).any()] or [0]
+        return by_owner(owner, {i: self.parts[i].gather(ids[owner == i]) for i in held})
 
     def sample(self, m: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         ids = sample_ids(self.size, m, seed) + self.first

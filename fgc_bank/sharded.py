@@ -35,7 +35,7 @@ from fgc_bank.api import DEFAULT_TIMEOUT_S, BankHandle
 from fgc_bank.client import BankClient
 from fgc_bank.errors import BankError, ErrorCode
 from fgc_bank.protocol import Reply, Request
-from fgc_bank.shards import merge_topk, merged_info, owners, sample_ids, split
+from fgc_bank.shards import by_owner, merge_topk, merged_info, owners, sample_ids, split
 
 T = TypeVar("T")
 CONFIG_FIELDS = ("rows", "dim", "momentum", "init", "seed", "dtype")
@@ -184,14 +184,7 @@ class ShardedBank(BankHandle):
         shards = [i for i in range(self.count) if (owner == i).any()] or [0]
         calls = [(i, Request("gather", request.bank, {}, {"ids": ids[owner == i]})) for i in shards]
 
-        def combine(replies: list[Reply]) -> Reply:
-            parts = {i: r.arrays["rows"] for i, r in zip(shards, replies)}
-            out = np.empty((ids.shape[0], parts[shards[0]].shape[1]), np.float32)
-            for i in shards:
-                out[owner == i] = parts[i]
-            return Reply(0, arrays={"rows": out})
-
-        return calls, combine
+        return calls, lambda rs: Reply(0, arrays={"rows": by_owner(owner, {i: r.arrays["rows"] for i, r in zip(shards, rs)})})
 
     def _sample(self, request: Request) -> tuple[list[Call], Combine]:
         rows = self._bank_rows(request.bank)

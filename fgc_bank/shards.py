@@ -90,6 +90,16 @@ def owners(ids: np.ndarray, rows: int, count: int) -> np.ndarray:
     return np.searchsorted(highs, ids, side="right")
 
 
+def by_owner(owner: np.ndarray, parts: dict[int, np.ndarray]) -> np.ndarray:
+    """Rows answered by their owners (``parts``: owner -> its rows, in the order of its ids) put
+    back in the order of the ids they answer (``owner``: each id's owner)."""
+    first = next(iter(parts.values()))
+    out = np.empty((owner.shape[0], *first.shape[1:]), first.dtype)
+    for index, rows in parts.items():
+        out[owner == index] = rows
+    return out
+
+
 def merge_topk(scores: list[np.ndarray], ids: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
     """The exact top-k of several shards' answers to the same B queries.
 

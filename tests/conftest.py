@@ -100,6 +100,23 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def check_served_knn(tmp_path: Path, rng: np.random.Generator, engine: str, *serve_args: str) -> None:
+    """A real `fgc-bank serve *serve_args`: its bank is searched by ``engine`` and its knn answers
+    equal the numpy oracle's."""
+    proc, address = start_server(tmp_path, *serve_args)
+    try:
+        from fgc_bank import connect
+
+        with connect(address) as client:
+            assert client.create("feat/7", 50_000, 64, seed=1)["engine"] == engine
+            rows = client.gather("feat/7", np.arange(50_000))
+            queries = rng.standard_normal((256, 64)).astype(np.float32)
+            scores, ids = client.knn("feat/7", queries, 200)
+            assert_same_knn(scores, ids, *brute_force_knn(rows, queries, 200))
+    finally:
+        stop_server(proc)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The address of a real server process, shared by a test module."""

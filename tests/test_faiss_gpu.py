@@ -7,9 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_knn, brute_force_knn, momentum_oracle, start_server, stop_server
+from conftest import assert_same_knn, brute_force_knn, check_served_knn, momentum_oracle
 
-from fgc_bank import connect
 from fgc_bank.bank import BankConfig, MemoryBank, Search, SearchUpdate
 from fgc_bank.errors import BankError
 from fgc_bank.stores import Placement
@@ -58,13 +57,4 @@ def test_coalesced_runs_with_updates_are_exact(bank: MemoryBank, rng: np.random.
 
 
 def test_a_server_with_engine_faiss_gpu_answers_like_the_oracle(tmp_path, rng: np.random.Generator) -> None:
-    proc, address = start_server(tmp_path, "--device", "cuda", "--engine", "faiss-gpu")
-    try:
-        with connect(address) as client:
-            assert client.create("feat/7", 50_000, 64, seed=1)["engine"] == "faiss-gpu"
-            rows = client.gather("feat/7", np.arange(50_000))
-            queries = rng.standard_normal((256, 64)).astype(np.float32)
-            scores, ids = client.knn("feat/7", queries, 200)
-            assert_same_knn(scores, ids, *brute_force_knn(rows, queries, 200))
-    finally:
-        stop_server(proc)
+    check_served_knn(tmp_path, rng, "faiss-gpu", "--device", "cuda", "--engine", "faiss-gpu")

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_knn, brute_force_knn, momentum_oracle, start_server, stop_server
+from conftest import assert_same_knn, brute_force_knn, check_served_knn, momentum_oracle
 
 from fgc_bank import connect
 from fgc_bank.bank import BankConfig, MemoryBank, Search, SearchUpdate, Update
@@ -46,16 +46,7 @@ def test_a_gpu_bank_restores_from_host_rows_bit_for_bit(bank: MemoryBank) -> Non
 
 
 def test_a_server_on_the_gpu_answers_like_the_oracle(tmp_path, rng: np.random.Generator) -> None:
-    proc, address = start_server(tmp_path, "--device", "cuda")
-    try:
-        with connect(address) as client:
-            assert client.create("feat/7", 50_000, 64, seed=1)["engine"] == "torch"
-            rows = client.gather("feat/7", np.arange(50_000))
-            queries = rng.standard_normal((256, 64)).astype(np.float32)
-            scores, ids = client.knn("feat/7", queries, 200)
-            assert_same_knn(scores, ids, *brute_force_knn(rows, queries, 200))
-    finally:
-        stop_server(proc)
+    check_served_knn(tmp_path, rng, "torch", "--device", "cuda")
 
 
 def _memcpy_counts(calls: Callable[[], object]) -> dict[str, int]:

@@ -167,11 +167,16 @@ def test_shards_with_different_banks_are_refused(servers) -> None:
                     shard.drop("odd")
 
 
+def start_shard(root: Path, index: int, count: int, *extra: str) -> tuple[subprocess.Popen, str]:
+    """Shard ``index`` of ``count``, snapshotting into ``root/s{index}/snaps`` (kept across restarts)."""
+    home = root / f"s{index}"
+    home.mkdir(exist_ok=True)
+    return start_server(home, "--shard", f"{index}/{count}", "--snapshot-dir", str(home / "snaps"), *extra)
+
+
 def test_snapshot_of_every_shard_restores_bit_for_bit_and_a_killed_shard_resumes(tmp_path: Path) -> None:
     ports = [str(unused_port()) for _ in range(2)]
-    procs = [start_server(tmp_path / f"s{i}", "--shard", f"{i}/2", "--port", ports[i],
-                          "--snapshot-dir", str(tmp_path / f"s{i}" / "snaps"))
-             for i in range(2) if (tmp_path / f"s{i}").mkdir() is None]
+    procs = [start_shard(tmp_path, i, 2, "--port", ports[i]) for i in range(2)]
     address = ",".join(a for _, a in procs)
     rng = np.random.default_rng(3)
     try:
@@ -205,8 +210,7 @@ def test_snapshot_of_every_shard_restores_bit_for_bit_and_a_killed_shard_resumes
         raise
     with connect(procs[0][1]) as shard0:
         shard0.snapshot()  # shard 0's newest state is its restored one, like shard 1's snapshot
-    procs[1] = start_server(tmp_path / "s1", "--shard", "1/2", "--port", ports[1],
-                            "--snapshot-dir", str(tmp_path / "s1" / "snaps"))
+    procs[1] = start_shard(tmp_path, 1, 2, "--port", ports[1])
     try:
         with connect(address, timeout=30 * TIME_FACTOR) as bank:
             np.testing.assert_array_equal(bank.gather("feat", np.arange(501)), before)
@@ -380,10 +384,7 @@ def test_a_trainer_checkpoint_pairs_with_a_snapshot_of_every_shard(tmp_path: Pat
     from trainer.config import TrainConfig
     from trainer.distributed import DistContext
 
-    procs = []
-    for i in range(2):
-        (tmp_path / f"s{i}").mkdir()
-        procs.append(start_server(tmp_path / f"s{i}", "--shard", f"{i}/2", "--snapshot-dir", str(tmp_path / f"s{i}" / "snaps")))
+    procs = [start_shard(tmp_path, i, 2) for i in range(2)]
     address = ",".join(a for _, a in procs)
     try:
         out = tmp_path / "run"
@@ -431,10 +432,7 @@ def test_the_cli_commands_take_a_list_of_shards(tmp_path: Path) -> None:
 
     from fgc_bank.cli import main
 
-    procs = []
-    for i in range(2):
-        (tmp_path / f"s{i}").mkdir()
-        procs.append(start_server(tmp_path / f"s{i}", "--shard", f"{i}/2", "--snapshot-dir", str(tmp_path / f"s{i}" / "snaps")))
+    procs = [start_shard(tmp_path, i, 2) for i in range(2)]
     address = ",".join(a for _, a in procs)
     try:
         with connect(address) as bank:

@@ -72,16 +72,9 @@ class FaissGpuStore(TorchStore):
         super().__init__(rows, device, **options)
         self._resources = gpu_resources(self._faiss, self.device)
 
-    @classmethod
-    def layout(cls) -> str:
-        return "float32"
-
     @torch.no_grad()
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        queries = self._queries(queries)
-        n = self.rows.shape[0]
-        if not 1 <= k <= n:
-            raise ValueError(f"k must be in [1, {n}], got {k}")
+        queries = self._search_input(queries, k)
         self.last_fallbacks = 0
         if k > MAX_GPU_K:
             with ieee_float32():

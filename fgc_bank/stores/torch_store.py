@@ -302,14 +302,19 @@ class TorchStore(RowStore):
 
     @classmethod
     def layout(cls) -> str:
-        return "float32, its bfloat16 copy and two float64 norms a row"
+        return "float32, its bfloat16 copy and two float64 norms a row" if cls.low_copy else "float32"
 
-    @torch.no_grad()
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search_input(self, queries: torch.Tensor, k: int) -> torch.Tensor:
+        """The queries as the search takes them; ValueError for bad queries or a k outside [1, N]."""
         queries = self._queries(queries)
         n = self.rows.shape[0]
         if not 1 <= k <= n:
             raise ValueError(f"k must be in [1, {n}], got {k}")
+        return queries
+
+    @torch.no_grad()
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        queries = self._search_input(queries, k)
         kc = self.candidate_count(k)
         with ieee_float32():
             if not self._filter_pays(kc):
