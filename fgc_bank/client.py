@@ -148,11 +148,6 @@ class BankClient(BankHandle):
         """Prefix the errors of endpoint ``index`` with ``label`` (which shard failed a call)."""
         self._conns[index].label = label
 
-    @property
-    def addresses(self) -> list[str]:
-        """The endpoints, in the order calls name them (``submit_to``, ``call_all``)."""
-        return [conn.address for conn in self._conns]
-
     def _submit(self, request: Request, decode: Callable[[Reply], T]) -> concurrent.futures.Future[T]:
         """Queue ``request`` for the I/O thread, to the first endpoint."""
         return self.submit_to(0, request, decode)

@@ -109,10 +109,6 @@ class SplitBank:
         self._pool = concurrent.futures.ThreadPoolExecutor(len(self.parts), thread_name_prefix=f"fgc-bank-{config.name}")
 
     @property
-    def partial(self) -> bool:
-        return self.size != self.config.rows
-
-    @property
     def counters(self) -> dict[str, int]:
         """The bank's counters as one bank counts them."""
         merged = dict(self.parts[0].counters)
